@@ -1,0 +1,117 @@
+"""The ``compatzoo`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from compatzoo.errors import CompatzooError
+
+DEMO_SPEC = "demo.yaml"
+
+
+def _set_threads() -> None:
+    """One intra-op thread per available core: more threads than cores is slower."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from compatzoo.registry import get_registry
+
+    registry = get_registry()
+    rows = [(r.kind, r.name, r.distribution, r.version) for r in registry.records()]
+    header = ("kind", "name", "distribution", "version")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if registry.failed:
+        print("\nplugins that failed to load:")
+        for failed in registry.failed:
+            print(f"  {failed.plugin} ({failed.distribution}): {failed.error}")
+    return 0
+
+
+def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool) -> int:
+    from compatzoo.experiment import format_table, run_experiment
+    from compatzoo.specs import load_spec
+
+    spec = load_spec(spec_source)
+    _set_threads()
+    results = run_experiment(spec, output_dir, progress=not quiet, save_checkpoints=checkpoints)
+    print(f"\n{spec.name}  (seed {spec.seed}, {results['timing']['total_s']:.0f} s)")
+    print(format_table(results["evaluation"]))
+    print(f"\nresults: {Path(output_dir) / 'results.json'}; plots: {output_dir}/*.png")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    output = args.output_dir or str(Path("runs") / Path(args.spec).stem)
+    return _run_spec(args.spec, output, args.quiet, not args.no_checkpoints)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    spec_path = resources.files("compatzoo") / "configs" / DEMO_SPEC
+    with resources.as_file(spec_path) as path:
+        return _run_spec(path, args.output_dir, args.quiet, not args.no_checkpoints)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from compatzoo.specs import load_spec
+
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: valid ({spec.name}: old + {len(spec.new)} new model(s))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compatzoo", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("plugins", help="list installed components and failed plugins"
+                   ).set_defaults(func=_cmd_plugins)
+
+    run = sub.add_parser("run", help="run an experiment spec (YAML) end to end")
+    run.add_argument("spec")
+    run.add_argument("--output-dir", "-o", help="default: runs/<spec name>")
+    demo = sub.add_parser("demo", help="old model, independent new model and BCT on the "
+                          "embedded synthetic benchmark (CPU, a few minutes)")
+    demo.add_argument("--output-dir", "-o", default="runs/demo")
+    for command in (run, demo):
+        command.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        command.add_argument("--no-checkpoints", action="store_true",
+                             help="do not save model weights")
+    run.set_defaults(func=_cmd_run)
+    demo.set_defaults(func=_cmd_demo)
+
+    validate = sub.add_parser("validate", help="check a spec without running it")
+    validate.add_argument("spec")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CompatzooError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

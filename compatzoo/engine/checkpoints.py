@@ -1,0 +1,79 @@
+"""Module weights as safetensors plus a JSON manifest; never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compatzoo.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "config.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder so a crash leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_state(directory: str | Path, modules: dict[str, nn.Module], config: dict[str, Any]) -> Path:
+    """Save ``{prefix: module}`` weights into one safetensors file + ``config.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {f"{prefix}.{key}": tensor.detach().cpu().contiguous()
+             for prefix, module in modules.items()
+             for key, tensor in module.state_dict().items()}
+    shapes = {key: list(t.shape) for key, t in state.items()}
+    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    manifest = {**config, "tensors": shapes}
+    _atomic_write(directory / MANIFEST,
+                  lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {MANIFEST}; is it a compatzoo checkpoint folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+
+
+def load_state(directory: str | Path, modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """Load weights strictly into ``modules``, checking shapes against the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {directory / WEIGHTS} ({exc}); the file is missing "
+                              "or corrupt: re-create or re-download the checkpoint") from None
+    expected = manifest.get("tensors", {})
+    for key, tensor in state.items():
+        if key in expected and list(tensor.shape) != expected[key]:
+            raise CheckpointError(f"{key} has shape {list(tensor.shape)} in the weights but "
+                                  f"{expected[key]} in {MANIFEST}; the checkpoint is corrupt")
+    for prefix, module in modules.items():
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"weights for '{prefix}' in {directory} do not fit the model "
+                                  f"built from its config: {exc}") from None
+    return manifest

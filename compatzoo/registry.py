@@ -1,0 +1,175 @@
+"""Plugin manager: every component comes from an entry point in group ``compatzoo``.
+
+Loading is tolerant (a broken plugin is reported and skipped) unless
+``COMPATZOO_STRICT_PLUGINS=1``; duplicate names are an error naming both distributions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata as metadata
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import pluggy
+from pydantic import BaseModel
+
+from compatzoo import hookspecs
+from compatzoo.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("encoder", "head", "loss", "upgrader", "scheduler", "dataset", "allocation")
+ENTRY_POINT_GROUP = "compatzoo"
+
+
+class DuplicateComponentError(PluginError):
+    """Two plugins register the same (kind, name)."""
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    params_model: type[BaseModel]
+    plugin: str          # entry point name
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class FailedPlugin:
+    plugin: str
+    distribution: str
+    error: str
+
+
+def strict_mode() -> bool:
+    return os.environ.get("COMPATZOO_STRICT_PLUGINS", "") not in ("", "0", "false", "False")
+
+
+class Registry:
+    """Components by (kind, name), built from hook implementations."""
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], ComponentRecord] = {}
+        self.failed: list[FailedPlugin] = []
+        self.plugins: dict[str, tuple[str, str]] = {}   # plugin name -> (distribution, version)
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+
+    # ------------------------------------------------------------------ loading
+    def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None,
+                          strict: bool | None = None) -> None:
+        strict = strict_mode() if strict is None else strict
+        if entry_points is None:
+            entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(entry_points, key=lambda e: (e.name != "core", e.name)):
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            version = ep.dist.version if ep.dist is not None else "0"
+            try:
+                module = ep.load()
+                self.add_plugin(module, ep.name, dist, version)
+            except DuplicateComponentError:
+                raise  # never silently pick one of two components with the same name
+            except Exception as exc:  # a plugin may fail in any way; report and go on
+                if strict:
+                    raise PluginError(
+                        f"plugin '{ep.name}' from distribution '{dist}' failed to load: "
+                        f"{type(exc).__name__}: {exc}. Reinstall or fix that package, or "
+                        "unset COMPATZOO_STRICT_PLUGINS to skip it."
+                    ) from exc
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("skipping plugin %s (%s): %s", ep.name, dist, error)
+                log.debug("%s", traceback.format_exc())
+                self.failed.append(FailedPlugin(ep.name, dist, error))
+
+    def add_plugin(self, module: Any, plugin: str, distribution: str, version: str) -> None:
+        """Register one plugin module and collect what its hook registers."""
+        if self.manager.has_plugin(plugin):
+            raise DuplicateComponentError(f"two plugins are named '{plugin}' ({self.plugins[plugin][0]} "
+                              f"and {distribution}); rename one entry point")
+        staged: list[ComponentRecord] = []
+
+        def register(kind: str, name: str, factory: Callable[..., Any],
+                     params_model: type[BaseModel]) -> None:
+            if kind not in KINDS:
+                raise PluginError(f"plugin '{plugin}' ({distribution}) registers unknown kind "
+                                  f"'{kind}'; kinds are {', '.join(KINDS)}")
+            if not (isinstance(params_model, type) and issubclass(params_model, BaseModel)):
+                raise PluginError(f"{kind} '{name}' from {distribution} must give a pydantic "
+                                  "model as params_model")
+            staged.append(ComponentRecord(kind, name, factory, params_model, plugin,
+                                          distribution, version))
+
+        self.manager.register(module, name=plugin)
+        try:
+            for impl in self.manager.hook.register_components.get_hookimpls():
+                if impl.plugin_name == plugin:
+                    impl.function(register=register)
+            for record in staged:
+                self._check_duplicate(record, staged)
+        except Exception:
+            self.manager.unregister(name=plugin)
+            raise
+        for record in staged:
+            self._records[(record.kind, record.name)] = record
+        self.plugins[plugin] = (distribution, version)
+
+    def _check_duplicate(self, record: ComponentRecord, staged: list[ComponentRecord]) -> None:
+        key = (record.kind, record.name)
+        other = self._records.get(key)
+        if other is None:
+            same = [r for r in staged if (r.kind, r.name) == key]
+            other = same[0] if len(same) > 1 else None
+        if other is not None:
+            raise DuplicateComponentError(
+                f"{record.kind} '{record.name}' is registered twice: by distribution "
+                f"'{other.distribution}' (plugin '{other.plugin}') and by '{record.distribution}'"
+                f" (plugin '{record.plugin}'); uninstall one of them or rename the component"
+            )
+
+    # ------------------------------------------------------------------ queries
+    def get(self, kind: str, name: str) -> ComponentRecord:
+        if kind not in KINDS:
+            raise PluginError(f"unknown component kind '{kind}'; kinds are {', '.join(KINDS)}")
+        record = self._records.get((kind, name))
+        if record is None:
+            installed = self.names(kind)
+            hint = ", ".join(installed) if installed else "none"
+            plural = kind + ("es" if kind.endswith("s") else "s")
+            failed = "".join(f"\n  (plugin '{f.plugin}' from {f.distribution} failed to load: "
+                             f"{f.error})" for f in self.failed)
+            raise PluginError(f"no {kind} named '{name}'; installed {plural}: {hint}. Install "
+                              f"the plugin that provides it (e.g. pip install compatzoo[...])."
+                              + failed)
+        return record
+
+    def names(self, kind: str, pattern: str = "*") -> list[str]:
+        return sorted(n for k, n in self._records if k == kind and fnmatch.fnmatch(n, pattern))
+
+    def records(self) -> list[ComponentRecord]:
+        return sorted(self._records.values(), key=lambda r: (r.kind, r.name))
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = Registry()
+        registry.load_entry_points()
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry (tests, or after installing a plugin at run time)."""
+    global _REGISTRY
+    _REGISTRY = None

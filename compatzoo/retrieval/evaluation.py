@@ -1,0 +1,86 @@
+"""``evaluate``: retrieval metrics of one query set against one gallery."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from compatzoo.errors import DatasetError
+from compatzoo.retrieval.metrics import Metric, parse_metrics
+from compatzoo.retrieval.ranking import RankTable, count_positives, positive_ranks
+from compatzoo.retrieval.search import Plan, resolve_backend
+from compatzoo.retrieval.validation import (
+    ArrayLike, Features, InvalidArgumentError, validate_retrieval,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InvalidArgumentError(
+            f"chunk_size must be a positive number of gallery rows or None (automatic from "
+            f"the memory budget), got {chunk_size!r}"
+        )
+
+
+def search_depth(metrics: Iterable[Metric], n_pos: torch.Tensor, candidates: int,
+                 extra_k: Iterable[int] = ()) -> int:
+    """How deep the ranking must be known for ``metrics`` (and top-``extra_k`` checks)."""
+    max_positives = int(n_pos.max())
+    depths = [m.depth(max_positives, candidates) for m in metrics]
+    return max(depths + [min(k, candidates) for k in extra_k])
+
+
+def require_positives(n_pos: torch.Tensor) -> None:
+    """Fail early when no query can be scored; log how many queries are left out."""
+    missing = int((n_pos <= 0).sum())
+    if missing == len(n_pos):
+        raise DatasetError(
+            "no query has a same-label item in the gallery, so no retrieval metric is defined; "
+            "check that query and gallery labels use the same label ids"
+        )
+    if missing:
+        logger.info("%d of %d queries have no positive in the gallery and are left out of "
+                    "every metric", missing, len(n_pos))
+
+
+def summarise(metrics: Sequence[Metric], table: RankTable) -> dict[str, float]:
+    """Mean of each metric over the queries that have at least one positive."""
+    return {m.name: float(torch.nanmean(m.per_query(table.ranks, table.n_pos)))
+            for m in metrics}
+
+
+def rank_tables(query: Features, query_labels: np.ndarray, plan: Plan,
+                gallery_labels: np.ndarray, metrics: Sequence[Metric], leave_one_out: bool,
+                backend: str, chunk_size: int | None, extra_k: Iterable[int] = (),
+                ) -> list[RankTable]:
+    """Check the search arguments, then rank the positives deep enough for ``metrics``."""
+    check_chunk_size(chunk_size)
+    n_pos = count_positives(query_labels, gallery_labels, leave_one_out)
+    require_positives(n_pos)
+    depth = search_depth(metrics, n_pos, plan.size - int(leave_one_out), extra_k)
+    resolve_backend(backend, depth)  # reject a bad backend name before searching
+    return positive_ranks(query, query_labels, plan, gallery_labels, n_pos, depth, backend,
+                          chunk_size, leave_one_out)
+
+
+def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
+             gallery_labels: ArrayLike, metrics: Sequence[str] = ("map@100", "cmc@1"),
+             leave_one_out: bool = False, backend: str = "auto",
+             chunk_size: int | None = None) -> dict[str, float]:
+    """Retrieval metrics (cosine similarity) of ``query`` against ``gallery``.
+
+    ``leave_one_out=True`` is FCT's protocol: pass the same set as query and gallery; item
+    i is left out of query i's ranking. Ties rank by gallery index. Queries without a
+    positive are left out of every mean. ``chunk_size`` gallery rows are scored at a time
+    (None: from a memory budget). Returns {canonical metric name: value in [0, 1]}.
+    """
+    parsed = parse_metrics(metrics)
+    q, ql, g, gl = validate_retrieval(query, query_labels, gallery, gallery_labels,
+                                      leave_one_out)
+    table = rank_tables(q, ql, Plan(g), gl, parsed, leave_one_out, backend, chunk_size)[0]
+    return summarise(parsed, table)
