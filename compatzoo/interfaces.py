@@ -7,7 +7,7 @@ third-party method needs nothing from the core beyond this module and the regist
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -176,12 +176,49 @@ def check_features(array: np.ndarray | torch.Tensor, dim: int | None, what: str)
         )
 
 
+@dataclass
+class UpgradeContext:
+    """What an upgrader may learn from, once both encoders are trained and frozen.
+
+    ``old_train`` holds only the images the old model was trained on: side-information
+    models (FCT) must train there, since at old-model time nothing else existed.
+    ``old_features`` / ``new_features`` are phi_old / phi_new of ``new_train`` (same order).
+    """
+
+    old_train: Any                    # LabeledImages
+    new_train: Any                    # LabeledImages
+    old_encoder: Encoder
+    new_encoder: Encoder
+    old_features: torch.Tensor
+    new_features: torch.Tensor
+    labels: torch.Tensor
+    new_head: nn.Module | None = None
+    augment: Callable[..., torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    progress: bool = True
+
+
 class GalleryUpgrader(nn.Module):
-    """Maps stored old embeddings (and optional side information) into the new space."""
+    """Maps stored old embeddings (and optional side information) into the new space.
+
+    Lifecycle: ``fit(context)`` learns the mapping (and any side-information model);
+    ``side_information(images)`` gives what must be stored with each old gallery item
+    (None when the method needs none); ``upgrade(old, side)`` maps stored embeddings.
+    """
 
     input_dim: int
     output_dim: int
     side_dim: int = 0
+
+    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+        """Learn the mapping; returns per-epoch logs. Nothing to learn by default."""
+        return []
+
+    def side_information(self, images: Any, batch_size: int = 512,
+                         progress: bool = True) -> torch.Tensor | None:
+        """Side features of ``images`` (a LabeledImages) to store with the old gallery."""
+        return None
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - interface

@@ -41,6 +41,8 @@ def load_data_pickle(path: str | Path, encoding: str = "latin1") -> Any:
         with path.open("rb") as fh:
             return _RestrictedUnpickler(fh, encoding=encoding).load()
     except pickle.UnpicklingError as exc:
+        if "truncated" in str(exc):
+            raise DatasetError(f"{path} is truncated ({exc}); download it again") from exc
         raise DatasetError(
             f"{path} is not a data-only pickle ({exc}); compatzoo refuses to unpickle "
             "objects other than containers and numpy arrays. Re-export the file with plain "

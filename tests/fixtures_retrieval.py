@@ -79,5 +79,6 @@ def clustered(rng: np.random.Generator, n_query: int, n_gallery: int, n_classes:
     query, query_labels, gallery, gallery_labels."""
     centres = rng.standard_normal((n_classes, dim))
     labels = rng.integers(0, n_classes, n_query + n_gallery)
-    features = (centres[labels] + spread * rng.standard_normal((len(labels), dim))).astype(np.float32)
+    noise = spread * rng.standard_normal((len(labels), dim))
+    features = (centres[labels] + noise).astype(np.float32)
     return features[:n_query], labels[:n_query], features[n_query:], labels[n_query:]

@@ -94,3 +94,11 @@ def test_params_reject_unknown_fields_and_bad_ranges() -> None:
         SyntheticParams(num_train_clases=10)
     with pytest.raises(ValidationError, match="min_parts"):
         SyntheticParams(min_parts=6, max_parts=4)
+
+
+def test_unreadable_cache_is_regenerated(tmp_path: Path, small) -> None:
+    params = SyntheticParams(**SMALL, cache_dir=str(tmp_path))
+    cache = tmp_path / f"synthetic-{params.content_hash()}.safetensors"
+    cache.write_bytes(b"garbage")
+    assert torch.equal(make_synthetic(params).train.images, small.train.images)
+    assert cache.stat().st_size > 1000  # rewritten with the real tensors

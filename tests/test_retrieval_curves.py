@@ -52,6 +52,25 @@ def test_curve_equals_naive_per_point_evaluation(monkeypatch, counting, chunk_si
     assert curve.auc == pytest.approx({m: np.mean(v) for m, v in curve.metrics.items()})
 
 
+@pytest.mark.parametrize("counting", [False, True])
+def test_curve_equals_naive_evaluation_with_ties(monkeypatch, counting):
+    # Axis vectors: scores are exactly 0 or 1, so ties span old and new rows and chunks.
+    if counting:
+        monkeypatch.setattr(ranking, "MAX_TOPK_DEPTH", 0)
+    rng = np.random.default_rng(3)
+    basis = np.eye(3, dtype=np.float32)
+    g_old, g_new = basis[rng.integers(0, 3, 90)], basis[rng.integers(0, 3, 90)]
+    gl, ql = rng.integers(0, 4, 90), rng.integers(0, 4, 20)
+    q_new, order = basis[rng.integers(0, 3, 20)], rng.permutation(90)
+    for chunk_size in (4, 64):
+        curve = backfill_curve(q_new, g_old, g_new, ql, gl, order, points=7, metrics=METRICS,
+                               chunk_size=chunk_size)
+        for point, fraction in enumerate(curve.fractions):
+            expected = evaluate(q_new, ql, mixed_gallery(g_old, g_new, order, fraction), gl,
+                                METRICS)
+            assert {m: curve.metrics[m][point] for m in METRICS} == expected
+
+
 def test_curve_with_more_points_than_items_and_identity_order():
     q_old, q_new, ql, g_old, g_new, gl, _ = upgrade_data(1, n_query=10, n_gallery=6)
     order = np.arange(6)

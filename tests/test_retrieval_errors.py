@@ -54,6 +54,8 @@ def with_rows(array, rows, value):
     (lambda: evaluate(Q, QL + 10, G, GL), DatasetError, "same label ids"),
     (lambda: evaluate(Q, QL, G, GL, leave_one_out=True), InvalidArgumentError,
      "leave_one_out"),
+    (lambda: evaluate(G[:1], GL[:1], G[:1], GL[:1], leave_one_out=True), InvalidFeaturesError,
+     "at least 2"),
     (lambda: backfill_curve(Q, G, G, QL, GL, np.arange(11)), InvalidArgumentError,
      "permutation"),
     (lambda: backfill_curve(Q, G, G, QL, GL, np.r_[0, np.arange(11)]), InvalidArgumentError,

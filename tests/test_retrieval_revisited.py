@@ -85,7 +85,8 @@ def test_matches_revisitop_on_random_data():
     gnd = []
     for _ in range(6):
         ids = rng.permutation(80)
-        gnd.append({"easy": ids[:rng.integers(0, 6)].tolist(), "hard": ids[10:10 + rng.integers(1, 6)].tolist(),
+        gnd.append({"easy": ids[:rng.integers(0, 6)].tolist(),
+                    "hard": ids[10:10 + rng.integers(1, 6)].tolist(),
                     "junk": ids[20:20 + rng.integers(0, 8)].tolist()})
     ranks = np.stack(reference_rankings(queries, gallery), axis=1)
     protocols = {

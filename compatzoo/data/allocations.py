@@ -147,7 +147,10 @@ def open_class(labels: np.ndarray, params: OpenParams, seed: int) -> Allocation:
     labels = _check_labels(labels)
     classes = np.random.default_rng(seed).permutation(np.unique(labels))
     if len(classes) < 2:
-        raise DatasetError("open-class splits classes between two models; the training set has only one class")
+        raise DatasetError(
+            "open-class splits classes between two models, but the training set has one class; "
+            "use extended-data or open-data instead"
+        )
     n_old = int(np.clip(_round(params.fraction * len(classes)), 1, len(classes) - 1))
     old = np.isin(labels, classes[:n_old])
     return Allocation((np.flatnonzero(old), np.flatnonzero(~old)))

@@ -55,7 +55,9 @@ def _load_split(path: Path) -> tuple[torch.Tensor, np.ndarray]:
         data = np.asarray(_field(batch, "data"), dtype=np.uint8)
         labels = np.asarray(_field(batch, "fine_labels"), dtype=np.int64)
     except (KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(f"{path} is not a CIFAR-100 batch (needs 'data' and 'fine_labels'): {exc}") from exc
+        raise DatasetError(
+            f"{path} is not a CIFAR-100 batch (needs 'data' and 'fine_labels'): {exc}; download it again"
+        ) from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise DatasetError(
             f"{path} has data of shape {data.shape} and {len(labels)} labels; expected (N, 3072) "

@@ -98,8 +98,8 @@ def _eval_splits(root: Path) -> dict[str, dict[str, list[Path]]]:
     if has_query and has_gallery:
         return {name: _scan_split(root / name, root) for name in ("query", "gallery")}
     if has_query or has_gallery:
-        missing = "gallery" if has_query else "query"
-        raise _layout_error(f"{root} has {'query' if has_query else 'gallery'}/ but no {missing}/", root)
+        present, missing = ("query", "gallery") if has_query else ("gallery", "query")
+        raise _layout_error(f"{root} has {present}/ but no {missing}/", root)
     if (root / "val").is_dir():
         return {"val": _scan_split(root / "val", root)}
     raise _layout_error(f"{root} has no evaluation split (query/ + gallery/, or val/)", root)
@@ -129,8 +129,11 @@ def make_image_folder(params: ImageFolderParams) -> RetrievalData:
         return FileImages(paths, labels, params.image_size, params.mean, params.std)
 
     train = images(train_classes)
-    query = images(splits.get("query", splits.get("val")))
-    gallery = images(splits["gallery"]) if "gallery" in splits else None
+    if "val" in splits:
+        query, gallery = images(splits["val"]), None
+    else:
+        query, gallery = images(splits["query"]), images(splits["gallery"])
     info = retrieval_info("image-folder", params.model_dump(mode="json"), train, query, gallery)
-    info |= {"protocol": "query-gallery" if gallery is not None else "leave-one-out", "unseen_classes": len(unseen)}
+    info["protocol"] = "query-gallery" if gallery is not None else "leave-one-out"
+    info["unseen_classes"] = len(unseen)
     return RetrievalData(train, query, gallery, len(train_classes), "image-folder", info)

@@ -19,11 +19,14 @@ import hashlib
 import json
 import logging
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compatzoo.data.datasets import RetrievalData, TensorImages, channel_stats, retrieval_info
@@ -32,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the rendered images change for the same parameters (invalidates caches).
 GENERATOR_VERSION = 1
-_CHUNK = 1024  # images rendered at once; fixed so random draws do not depend on memory
+# Pixels rendered at once (1024 images of 32x32); a function of the params only, so the
+# random draws, and hence the images, do not depend on the machine.
+_PIXELS_PER_CHUNK = 1 << 20
+_SPLIT_KEYS = tuple(
+    f"{split}_{kind}" for split in ("train", "query", "gallery") for kind in ("images", "labels")
+)
 _POWERS = torch.tensor([1.0, 2.0, 2.0, 6.0])  # diamond, ellipse (twice as likely), rounded box
 
 
@@ -56,7 +64,7 @@ class SyntheticParams(BaseModel):
     rotation: float = Field(30.0, ge=0, le=180, description="max rotation in degrees")
     scale_jitter: float = Field(0.2, ge=0, lt=1, description="object scale in [1-j, 1+j]")
     translation: float = Field(0.15, ge=0, le=1, description="max shift, fraction of half-width")
-    part_jitter: float = Field(0.05, ge=0, description="std of per-image part displacement")
+    part_jitter: float = Field(0.05, ge=0, description="std of per-image part shift (radians: twice that)")
     color_jitter: float = Field(0.2, ge=0, le=1)
     noise: float = Field(0.03, ge=0, description="std of Gaussian pixel noise in [0, 1] units")
     distractors: int = Field(3, ge=0, description="clutter shapes behind the object")
@@ -157,91 +165,128 @@ def _paint(
     ``x``/``y`` (N, H, W) are pixel positions in the frame the part is defined in;
     edges are softened over about one pixel (``pixels_per_unit``) for anti-aliasing.
     """
-    col = lambda name: part[name][:, None, None]  # noqa: E731 - (N,) -> (N, 1, 1)
-    dx, dy = x - col("cx"), y - col("cy")
-    cos, sin = torch.cos(col("angle")), torch.sin(col("angle"))
+    q = {name: v[:, None, None] for name, v in part.items() if v.ndim == 1}  # (N, 1, 1)
+    dx, dy = x - q["cx"], y - q["cy"]
+    cos, sin = torch.cos(q["angle"]), torch.sin(q["angle"])
     lx, ly = cos * dx + sin * dy, cos * dy - sin * dx
-    power = col("power")
-    radius = ((lx / col("a")).abs() ** power + (ly / col("b")).abs() ** power) ** (1.0 / power)
-    sharpness = torch.minimum(col("a"), col("b")) * pixels_per_unit[:, None, None] * 2.0
-    alpha = torch.sigmoid((1.0 - radius) * sharpness) * torch.sigmoid((radius - col("inner")) * sharpness)
+    power = q["power"]
+    radius = ((lx / q["a"]).abs() ** power + (ly / q["b"]).abs() ** power) ** (1.0 / power)
+    sharpness = torch.minimum(q["a"], q["b"]) * pixels_per_unit[:, None, None] * 2.0
+    alpha = torch.sigmoid((1.0 - radius) * sharpness) * torch.sigmoid((radius - q["inner"]) * sharpness)
     alpha = alpha * visible[:, None, None]
-    direction = lx * torch.cos(col("stripe_angle")) + ly * torch.sin(col("stripe_angle"))
-    stripe = col("stripes") * (0.5 + 0.5 * torch.sin(col("freq") * direction + col("phase")))
+    direction = lx * torch.cos(q["stripe_angle"]) + ly * torch.sin(q["stripe_angle"])
+    stripe = q["stripes"] * (0.5 + 0.5 * torch.sin(q["freq"] * direction + q["phase"]))
     c1, c2 = part["color1"][:, :, None, None], part["color2"][:, :, None, None]
     colour = c1 + stripe[:, None] * (c2 - c1)
     return canvas + alpha[:, None] * (colour - canvas)
 
 
-class _Nuisance:
-    """Per-image random draws for ``n`` images, made up front so chunked rendering is
-    deterministic."""
+@dataclass
+class _Views:
+    """Per-image random draws: the class's parts as seen in this view plus every nuisance.
 
-    def __init__(self, p: SyntheticParams, g: torch.Generator, class_parts: dict[str, torch.Tensor], n: int):
-        k = p.max_parts
-        self.parts = dict(class_parts)  # gathered per image, (n, K)
-        for name in ("cx", "cy"):
-            self.parts[name] = self.parts[name] + p.part_jitter * torch.randn((n, k), generator=g)
-        self.parts["angle"] = self.parts["angle"] + 2 * p.part_jitter * torch.randn((n, k), generator=g)
-        shift = p.color_jitter * 0.25 * torch.randn((n, k, 3), generator=g)
-        self.parts["color1"] = (self.parts["color1"] + shift).clamp(0, 1)
-        self.parts["color2"] = (self.parts["color2"] + shift).clamp(0, 1)
-        self.rotation = _uniform(g, (n,), -1.0, 1.0) * math.radians(p.rotation)
-        self.scale = _uniform(g, (n,), 1.0 - p.scale_jitter, 1.0 + p.scale_jitter)
-        self.aspect = _uniform(g, (n,), 1.0 - p.scale_jitter / 2, 1.0 + p.scale_jitter / 2)
-        self.shift = _uniform(g, (n, 2), -p.translation, p.translation)
-        self.background = torch.rand((n, 2, 3), generator=g)
-        self.gradient_angle = _uniform(g, (n,), 0.0, 2 * math.pi)
-        self.distractors = _sample_parts(g, (n, p.distractors), size=(0.08, 0.3), spread=1.0)
-        self.occluder = _sample_parts(g, (n,), size=(0.15, 0.4), spread=0.6)
-        self.occluded = (torch.rand((n,), generator=g) < p.occlusion).float()
-        self.contrast = _uniform(g, (n,), 1.0 - p.color_jitter, 1.0 + p.color_jitter)
-        self.brightness = _uniform(g, (n,), -p.color_jitter / 2, p.color_jitter / 2)
-        self.gain = _uniform(g, (n, 3), 1.0 - p.color_jitter / 2, 1.0 + p.color_jitter / 2)
+    Drawn for all images up front so chunked rendering does not change the result.
+    """
+
+    parts: dict[str, torch.Tensor]  # (N, K) per field
+    present: torch.Tensor  # (N, K) 1 where the class has that part
+    rotation: torch.Tensor
+    scale: torch.Tensor
+    aspect: torch.Tensor
+    shift: torch.Tensor  # (N, 2)
+    background: torch.Tensor  # (N, 2, 3) gradient end colours
+    gradient_angle: torch.Tensor
+    distractors: dict[str, torch.Tensor]  # (N, D) per field
+    occluder: dict[str, torch.Tensor]  # (N,) per field
+    occluded: torch.Tensor
+    contrast: torch.Tensor
+    brightness: torch.Tensor
+    gain: torch.Tensor  # (N, 3)
+
+    @classmethod
+    def sample(
+        cls,
+        p: SyntheticParams,
+        g: torch.Generator,
+        class_parts: dict[str, torch.Tensor],
+        count: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> _Views:
+        n, k, j = len(labels), p.max_parts, p.color_jitter
+        parts = _select(class_parts, labels)
+        parts["cx"] = parts["cx"] + p.part_jitter * torch.randn((n, k), generator=g)
+        parts["cy"] = parts["cy"] + p.part_jitter * torch.randn((n, k), generator=g)
+        parts["angle"] = parts["angle"] + 2 * p.part_jitter * torch.randn((n, k), generator=g)
+        tint = j * 0.25 * torch.randn((n, k, 3), generator=g)
+        parts["color1"] = (parts["color1"] + tint).clamp(0, 1)
+        parts["color2"] = (parts["color2"] + tint).clamp(0, 1)
+        return cls(
+            parts=parts,
+            present=(torch.arange(k) < count[labels][:, None]).float(),
+            rotation=_uniform(g, (n,), -1.0, 1.0) * math.radians(p.rotation),
+            scale=_uniform(g, (n,), 1.0 - p.scale_jitter, 1.0 + p.scale_jitter),
+            aspect=_uniform(g, (n,), 1.0 - p.scale_jitter / 2, 1.0 + p.scale_jitter / 2),
+            shift=_uniform(g, (n, 2), -p.translation, p.translation),
+            background=torch.rand((n, 2, 3), generator=g),
+            gradient_angle=_uniform(g, (n,), 0.0, 2 * math.pi),
+            distractors=_sample_parts(g, (n, p.distractors), size=(0.08, 0.3), spread=1.0),
+            occluder=_sample_parts(g, (n,), size=(0.15, 0.4), spread=0.6),
+            occluded=(torch.rand((n,), generator=g) < p.occlusion).float(),
+            contrast=_uniform(g, (n,), 1.0 - j, 1.0 + j),
+            brightness=_uniform(g, (n,), -j / 2, j / 2),
+            gain=_uniform(g, (n, 3), 1.0 - j / 2, 1.0 + j / 2),
+        )
+
+    def __getitem__(self, rows: slice) -> _Views:
+        return _Views(
+            **{
+                name: {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
+                for name, value in vars(self).items()
+            }
+        )
+
+
+def _render_chunk(p: SyntheticParams, v: _Views, g: torch.Generator) -> torch.Tensor:
+    """Background, distractors, the object, an occluder, then photometric nuisances."""
+    n, size = len(v.rotation), p.image_size
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    iy, ix = (c.expand(n, size, size) for c in torch.meshgrid(coords, coords, indexing="ij"))
+    angle = v.gradient_angle[:, None, None]
+    ramp = 0.5 + 0.35 * (ix * torch.cos(angle) + iy * torch.sin(angle))
+    start, end = v.background[:, 0, :, None, None], v.background[:, 1, :, None, None]
+    canvas = start + ramp[:, None] * (end - start)
+    image_px = torch.full((n,), size / 2.0)  # pixels per unit of the [-1, 1] image frame
+    for d in range(p.distractors):
+        part = {name: t[:, d] for name, t in v.distractors.items()}
+        canvas = _paint(canvas, ix, iy, part, image_px, torch.ones(n))
+    # Object frame: undo this view's shift, rotation, scale and aspect.
+    dx, dy = ix - v.shift[:, 0, None, None], iy - v.shift[:, 1, None, None]
+    cos, sin = torch.cos(v.rotation)[:, None, None], torch.sin(v.rotation)[:, None, None]
+    ox = (cos * dx + sin * dy) / (v.scale * v.aspect)[:, None, None]
+    oy = (cos * dy - sin * dx) / (v.scale / v.aspect)[:, None, None]
+    for k in range(p.max_parts):
+        part = {name: t[:, k] for name, t in v.parts.items()}
+        canvas = _paint(canvas, ox, oy, part, image_px * v.scale, v.present[:, k])
+    canvas = _paint(canvas, ix, iy, v.occluder, image_px, v.occluded)
+    canvas = (canvas - 0.5) * v.contrast[:, None, None, None] + 0.5 + v.brightness[:, None, None, None]
+    canvas = canvas * v.gain[:, :, None, None] + p.noise * torch.randn(canvas.shape, generator=g)
+    return (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _render(
-    p: SyntheticParams, g: torch.Generator, class_parts: dict[str, torch.Tensor], count: torch.Tensor, labels: torch.Tensor
+    p: SyntheticParams,
+    g: torch.Generator,
+    class_parts: dict[str, torch.Tensor],
+    count: torch.Tensor,
+    labels: torch.Tensor,
 ) -> torch.Tensor:
     """Render one image per entry of ``labels`` as uint8 ``(N, 3, S, S)``."""
-    n, size = len(labels), p.image_size
-    draws = _Nuisance(p, g, _select(class_parts, labels), n)
-    present = (torch.arange(p.max_parts) < count[labels][:, None]).float()
-    coords = (torch.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    for start in range(0, n, _CHUNK):
-        sl = slice(start, min(start + _CHUNK, n))
-        m = sl.stop - sl.start
-        chunk = lambda t: t[sl]  # noqa: E731
-        # Background: a colour gradient in a random direction.
-        angle = chunk(draws.gradient_angle)[:, None, None]
-        ramp = 0.5 + 0.5 * (gx * torch.cos(angle) + gy * torch.sin(angle)) * 0.7
-        bg = chunk(draws.background)
-        canvas = bg[:, 0, :, None, None] + ramp[:, None] * (bg[:, 1] - bg[:, 0])[:, :, None, None]
-        image_px = torch.full((m,), size / 2.0)
-        ix, iy = gx.expand(m, size, size), gy.expand(m, size, size)
-        for j in range(p.distractors):
-            part = {k: chunk(v)[:, j] for k, v in draws.distractors.items()}
-            canvas = _paint(canvas, ix, iy, part, image_px, torch.ones(m))
-        # Object frame: undo shift, rotation, scale and aspect of this view.
-        rot, scale, aspect = chunk(draws.rotation), chunk(draws.scale), chunk(draws.aspect)
-        shift = chunk(draws.shift)
-        dx, dy = ix - shift[:, 0, None, None], iy - shift[:, 1, None, None]
-        cos, sin = torch.cos(rot)[:, None, None], torch.sin(rot)[:, None, None]
-        ox = (cos * dx + sin * dy) / (scale * aspect)[:, None, None]
-        oy = (cos * dy - sin * dx) / (scale / aspect)[:, None, None]
-        object_px = image_px * scale
-        for j in range(p.max_parts):
-            part = {k: chunk(v)[:, j] for k, v in draws.parts.items()}
-            canvas = _paint(canvas, ox, oy, part, object_px, chunk(present)[:, j])
-        occluder = {k: chunk(v) for k, v in draws.occluder.items()}
-        canvas = _paint(canvas, ix, iy, occluder, image_px, chunk(draws.occluded))
-        # Illumination, colour cast and sensor noise.
-        canvas = (canvas - 0.5) * chunk(draws.contrast)[:, None, None, None] + 0.5
-        canvas = (canvas + chunk(draws.brightness)[:, None, None, None]) * chunk(draws.gain)[:, :, None, None]
-        canvas = canvas + p.noise * torch.randn(canvas.shape, generator=g)
-        out[sl] = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
+    views = _Views.sample(p, g, class_parts, count, labels)
+    out = torch.empty((len(labels), 3, p.image_size, p.image_size), dtype=torch.uint8)
+    chunk = max(1, _PIXELS_PER_CHUNK // p.image_size**2)
+    for start in range(0, len(labels), chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = _render_chunk(p, views[rows], g)
     return out
 
 
@@ -266,13 +311,20 @@ def _generate(p: SyntheticParams) -> dict[str, torch.Tensor]:
 def _load_or_generate(p: SyntheticParams) -> dict[str, torch.Tensor]:
     if p.cache_dir is None:
         return _generate(p)
-    path = Path(p.cache_dir) / f"synthetic-{p.content_hash()}.safetensors"
+    path = Path(p.cache_dir).expanduser() / f"synthetic-{p.content_hash()}.safetensors"
     if path.is_file():
-        logger.info("loading synthetic benchmark from %s", path)
-        return load_file(path)
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as exc:
+            logger.warning("ignoring unreadable cache %s (%s); regenerating", path, exc)
+        else:
+            if tensors.keys() == set(_SPLIT_KEYS):
+                logger.info("loaded synthetic benchmark from %s", path)
+                return tensors
+            logger.warning("ignoring cache %s with unexpected contents; regenerating", path)
     tensors = _generate(p)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return tensors
@@ -286,6 +338,7 @@ def make_synthetic(params: SyntheticParams | None = None) -> RetrievalData:
     train = TensorImages(t["train_images"], t["train_labels"].numpy(), mean, std)
     query = TensorImages(t["query_images"], t["query_labels"].numpy(), mean, std)
     gallery = TensorImages(t["gallery_images"], t["gallery_labels"].numpy(), mean, std)
-    info = retrieval_info("synthetic", p.model_dump(mode="json", exclude={"cache_dir"}), train, query, gallery)
+    params = p.model_dump(mode="json", exclude={"cache_dir"})
+    info = retrieval_info("synthetic", params, train, query, gallery)
     info |= {"seed": p.seed, "generator_version": GENERATOR_VERSION, "content_hash": p.content_hash()}
     return RetrievalData(train, query, gallery, p.num_train_classes, "synthetic", info)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -173,6 +174,7 @@ def train_model(
             bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False)
             running: dict[str, float] = {}
+            epoch_started = time.perf_counter()
             for batch_no in bar:
                 index = order[batch_no * cfg.batch_size:(batch_no + 1) * cfg.batch_size]
                 images, batch_labels = dataset.get_batch(index)
@@ -209,11 +211,13 @@ def train_model(
                               "lr": scheduler.get_last_lr()[0], **values}
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-            summary = {"epoch": epoch + 1, **{k: v / max(1, steps_per_epoch)
-                                              for k, v in running.items()}}
+            summary = {"epoch": epoch + 1, "steps": steps_per_epoch,
+                       "seconds": time.perf_counter() - epoch_started,
+                       **{k: v / max(1, steps_per_epoch) for k, v in running.items()}}
             history.append(summary)
             log.info("%s epoch %d: %s", desc, epoch + 1,
-                     ", ".join(f"{k}={v:.4f}" for k, v in summary.items() if k != "epoch"))
+                     ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
+                               if k not in ("epoch", "steps")))
             if checkpoint_dir is not None:
                 last_good = str(save_state(checkpoint_dir, {"encoder": encoder, "head": head},
                                            {**(checkpoint_config or {}), "epoch": epoch + 1}))

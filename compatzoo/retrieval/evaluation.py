@@ -11,20 +11,12 @@ import torch
 from compatzoo.errors import DatasetError
 from compatzoo.retrieval.metrics import Metric, parse_metrics
 from compatzoo.retrieval.ranking import RankTable, count_positives, positive_ranks
-from compatzoo.retrieval.search import Plan, resolve_backend
+from compatzoo.retrieval.search import Plan, check_backend
 from compatzoo.retrieval.validation import (
-    ArrayLike, Features, InvalidArgumentError, validate_retrieval,
+    ArrayLike, Features, check_chunk_size, validate_retrieval,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InvalidArgumentError(
-            f"chunk_size must be a positive number of gallery rows or None (automatic from "
-            f"the memory budget), got {chunk_size!r}"
-        )
 
 
 def search_depth(metrics: Iterable[Metric], n_pos: torch.Tensor, candidates: int,
@@ -60,10 +52,10 @@ def rank_tables(query: Features, query_labels: np.ndarray, plan: Plan,
                 ) -> list[RankTable]:
     """Check the search arguments, then rank the positives deep enough for ``metrics``."""
     check_chunk_size(chunk_size)
+    check_backend(backend)
     n_pos = count_positives(query_labels, gallery_labels, leave_one_out)
     require_positives(n_pos)
     depth = search_depth(metrics, n_pos, plan.size - int(leave_one_out), extra_k)
-    resolve_backend(backend, depth)  # reject a bad backend name before searching
     return positive_ranks(query, query_labels, plan, gallery_labels, n_pos, depth, backend,
                           chunk_size, leave_one_out)
 

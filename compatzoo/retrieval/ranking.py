@@ -152,14 +152,25 @@ def _stack(tables: list[torch.Tensor]) -> torch.Tensor:
                       for t in tables])
 
 
+def _same_label(labels: torch.Tensor, query_labels: torch.Tensor,
+                self_index: torch.Tensor | None) -> ProbeMask:
+    """Probe mask of the positives: same label, and not the query itself."""
+    def is_probe(index: torch.Tensor) -> torch.Tensor:
+        same = labels[index][None, :] == query_labels[:, None]
+        return same if self_index is None else same & (index != self_index[:, None])
+    return is_probe
+
+
 def positive_ranks(query: Features, query_labels: np.ndarray, plan: Plan,
                    gallery_labels: np.ndarray, n_pos: torch.Tensor, depth: int,
-                   backend: str = "auto",
-                   chunk_size: int | None = None, leave_one_out: bool = False,
-                   ) -> list[RankTable]:
-    """Rank tables of the positives (same label, self excluded) for every state of ``plan``,
-    exact up to ``depth`` (deeper positives are UNRANKED unless counting was needed).
-    ``n_pos`` is :func:`count_positives` of the labels."""
+                   backend: str = "auto", chunk_size: int | None = None,
+                   leave_one_out: bool = False) -> list[RankTable]:
+    """Rank tables of the positives (same label, self excluded) for every state of ``plan``.
+
+    Ranks are exact up to ``depth``; deeper positives are UNRANKED unless the depth
+    needed counting (then all are ranked, always with torch). ``n_pos`` is
+    :func:`count_positives` of the labels.
+    """
     full = depth > MAX_TOPK_DEPTH
     engine = TorchBackend() if full else resolve_backend(backend, depth)
     device = engine.device
@@ -171,10 +182,7 @@ def positive_ranks(query: Features, query_labels: np.ndarray, plan: Plan,
         self_index = torch.arange(block.start, block.stop, device=device) if leave_one_out else None
         rows = chunk_size or auto_chunk_rows(len(q), query.dim)
         if full:
-            def is_probe(index: torch.Tensor) -> torch.Tensor:
-                same = labels[index][None, :] == q_labels[:, None]
-                return same if self_index is None else same & (index != self_index[:, None])
-
+            is_probe = _same_label(labels, q_labels, self_index)
             pair_rows, _, ranks = count_ranks(plan, q, is_probe, rows, self_index)
             block_tables = [_pairs_to_table(pair_rows.cpu(), r, len(q)) for r in ranks.cpu()]
         else:

@@ -18,7 +18,7 @@ from compatzoo.errors import DatasetError
 from compatzoo.retrieval.ranking import count_ranks
 from compatzoo.retrieval.search import Plan, TorchBackend, auto_chunk_rows, normalised, query_blocks
 from compatzoo.retrieval.validation import (
-    ArrayLike, InvalidArgumentError, as_features, check_same_dim,
+    ArrayLike, InvalidArgumentError, as_features, check_chunk_size, check_same_dim,
 )
 from compatzoo.safe_pickle import load_data_pickle
 
@@ -83,6 +83,7 @@ def evaluate_revisited(query: ArrayLike, gallery: ArrayLike, gnd: dict | list,
     ``gnd`` is what :func:`load_revisited_gnd` returns (or its 'gnd' list); ``query``
     rows follow its 'qimlist', ``gallery`` rows its 'imlist'.
     """
+    check_chunk_size(chunk_size)
     q = as_features(query, "query")
     g = as_features(gallery, "gallery")
     check_same_dim(q, g)
@@ -108,8 +109,9 @@ def evaluate_revisited(query: ArrayLike, gallery: ArrayLike, gnd: dict | list,
     for block in query_blocks(q.n):
         unit = normalised(q, block, backend.device)
         rows = chunk_size or auto_chunk_rows(len(unit), q.dim)
+        block_listed = listed[block]
         pair_rows, gidx, ranks = count_ranks(
-            Plan(g), unit, lambda index: listed[block][:, index], rows)
+            Plan(g), unit, lambda index: block_listed[:, index], rows)
         for r, j, rank in zip(pair_rows.tolist(), gidx.tolist(), ranks[0].tolist()):
             rank_of[block.start + r][j] = rank
 

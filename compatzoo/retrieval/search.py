@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -56,17 +57,16 @@ def decode_scores(keys: torch.Tensor) -> torch.Tensor:
     return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(torch.int32).view(torch.float32)
 
 
-def merge_topk(a: torch.Tensor | None, b: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """Best ``k`` keys per row of two key tables (either may be None), best first."""
-    if a is None or b is None:
-        return b if a is None else a
-    both = torch.cat([a, b], dim=1)
+def merge_topk(a: torch.Tensor | None, b: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Best ``k`` keys per row of two key tables (one may be None), best first."""
+    both = torch.cat([t for t in (a, b) if t is not None], dim=1)
     return torch.topk(both, min(k, both.shape[1]), dim=1).values
 
 
 # --- similarities ----------------------------------------------------------------------
 
-def normalised(features: Features, rows: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+def normalised(features: Features, rows: slice | torch.Tensor,
+               device: torch.device) -> torch.Tensor:
     """float32 unit rows of ``features`` (a chunk at a time: no full normalised copy)."""
     if isinstance(rows, torch.Tensor):
         rows = rows.to(features.data.device)
@@ -154,6 +154,20 @@ def chunk_scores(query: torch.Tensor, chunk: Chunk, version: int,
     return scores.masked_fill(chunk.index[None, :] == self_index[rows, None], -torch.inf)
 
 
+@dataclass
+class ChunkView:
+    """A block of unit queries against one version of one chunk."""
+
+    query: torch.Tensor
+    chunk: Chunk
+    version: int
+    self_index: torch.Tensor | None
+
+    @cached_property
+    def scores(self) -> torch.Tensor:
+        return chunk_scores(self.query, self.chunk, self.version, self.self_index)
+
+
 # --- backends --------------------------------------------------------------------------
 
 class TorchBackend:
@@ -163,16 +177,13 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._last: tuple[Chunk, int, torch.Tensor] | None = None
 
-    def scores(self, query, chunk, version, self_index, rows=slice(None)) -> torch.Tensor:
-        """Chunk scores, computed once per chunk and reused for candidates and exact rows."""
-        if self._last is None or self._last[0] is not chunk or self._last[1] != version:
-            self._last = (chunk, version, chunk_scores(query, chunk, version, self_index))
-        return self._last[2][rows]
+    def candidates(self, view: ChunkView, n: int, rows=slice(None)):
+        """The ``n`` best (scores, chunk columns) per query, in no particular order."""
+        return torch.topk(view.scores[rows], n, dim=1, sorted=False)
 
-    def candidates(self, query, chunk, version, self_index, n: int, rows=slice(None)):
-        return torch.topk(self.scores(query, chunk, version, self_index, rows), n, dim=1)
+    def row_scores(self, view: ChunkView, rows: torch.Tensor) -> torch.Tensor:
+        return view.scores[rows]
 
 
 class FaissBackend:
@@ -184,24 +195,24 @@ class FaissBackend:
         self.device = torch.device("cpu")
         self.resources = faiss.StandardGpuResources() if gpu else None
 
-    def scores(self, query, chunk, version, self_index, rows=slice(None)) -> torch.Tensor:
-        return chunk_scores(query, chunk, version, self_index, rows)
-
-    def candidates(self, query, chunk, version, self_index, n: int, rows=slice(None)):
-        excluded = self_index is not None
-        found = min(n + excluded, chunk.width)
+    def candidates(self, view: ChunkView, n: int, rows=slice(None)):
+        excluded = view.self_index is not None
+        found = min(n + excluded, view.chunk.width)
         metric = self.faiss.METRIC_INNER_PRODUCT
-        q, g = query[rows].numpy(), chunk.rows[version].numpy()
+        q, g = view.query[rows].numpy(), view.chunk.rows[view.version].numpy()
         if self.gpu:
             values, local = self.faiss.knn_gpu(self.resources, q, g, found, metric=metric)
         else:
             values, local = self.faiss.knn(q, g, found, metric=metric)
         values, local = torch.from_numpy(values), torch.from_numpy(local).to(torch.int64)
         if excluded:  # drop the query itself, which faiss cannot be told to skip
-            values = values.masked_fill(chunk.index[local] == self_index[rows, None], -torch.inf)
-            values, at = torch.sort(values, dim=1, descending=True)
+            itself = view.chunk.index[local] == view.self_index[rows, None]
+            values, at = torch.sort(values.masked_fill(itself, -torch.inf), dim=1, descending=True)
             local = local.gather(1, at)
         return values[:, :n], local[:, :n]
+
+    def row_scores(self, view: ChunkView, rows: torch.Tensor) -> torch.Tensor:
+        return chunk_scores(view.query, view.chunk, view.version, view.self_index, rows)
 
 
 def _faiss():
@@ -220,6 +231,16 @@ def _faiss_gpu_ok(faiss) -> bool:
 BACKENDS = ("auto", "faiss", "torch")
 
 
+def check_backend(backend: str) -> None:
+    """Reject a backend name that cannot be served, before any work starts."""
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "faiss" and _faiss() is None:
+        raise InvalidArgumentError(
+            "backend='faiss' needs faiss; install faiss-cpu (or faiss-gpu) or use backend='torch'"
+        )
+
+
 def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
     """Pick the search backend for a top-``k`` search.
 
@@ -227,15 +248,10 @@ def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
     else torch (on this project's CPU boxes torch matmul + topk measured about 3x faster
     than faiss-cpu's flat search). ``faiss``: faiss GPU or CPU. ``torch``: torch.
     """
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     if backend == "torch":
         return TorchBackend()
     faiss = _faiss()
-    if backend == "faiss" and faiss is None:
-        raise InvalidArgumentError(
-            "backend='faiss' needs faiss; install faiss-cpu (or faiss-gpu) or use backend='torch'"
-        )
     if _faiss_gpu_ok(faiss) and k <= FAISS_GPU_MAX_K:
         return FaissBackend(faiss, gpu=True)
     return FaissBackend(faiss, gpu=False) if backend == "faiss" else TorchBackend()
@@ -256,46 +272,44 @@ def auto_chunk_rows(query_rows: int, dim: int) -> int:
     return max(256, MEMORY_BUDGET_BYTES // (4 * (2 * dim + 3 * query_rows)))
 
 
-def _best(backend, query: torch.Tensor, chunk: Chunk, version: int,
-          self_index: torch.Tensor | None, n: int, rows: torch.Tensor | slice = slice(None),
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact best-``n`` keys of a chunk for (some) queries, and each query's n-th score.
+def _best(backend, view: ChunkView, n: int, rows: torch.Tensor | slice = slice(None),
+          ) -> torch.Tensor:
+    """Exact best-``n`` keys of a chunk for (some) queries, best first.
 
-    The backend proposes n + 1 candidates by score; when the last two tie, tied items of
-    lower index may have been left out, so that query is redone from all its scores.
+    The backend proposes the n + 1 best candidates by score; when the n-th and (n+1)-th
+    scores tie, tied items of lower index may have been left out, so that query is redone
+    from all its scores.
     """
-    values, local = backend.candidates(query, chunk, version, self_index,
-                                       min(n + 1, chunk.width), rows)
-    keys = encode(values[:, :n], chunk.index[local[:, :n]])
-    if n < chunk.width:
-        tied = torch.nonzero(values[:, n - 1] == values[:, n]).flatten()
+    index = view.chunk.index
+    values, local = backend.candidates(view, min(n + 1, len(index)), rows)
+    keys = torch.sort(encode(values, index[local]), dim=1, descending=True).values
+    if n < len(index):
+        tied = torch.nonzero(keys[:, n - 1] >> 32 == keys[:, n] >> 32).flatten()  # same score
         if len(tied):
-            scores = backend.scores(query, chunk, version, self_index,
-                                    tied if isinstance(rows, slice) else rows[tied])
-            keys[tied] = torch.topk(encode(scores, chunk.index.expand(len(tied), -1)), n).values
-    return keys, values[:, n - 1]
+            scores = backend.row_scores(view, tied if isinstance(rows, slice) else rows[tied])
+            keys[tied, :n] = torch.topk(encode(scores, index.expand(len(tied), -1)), n).values
+    return keys[:, :n]
 
 
-def chunk_topk(backend, query: torch.Tensor, chunk: Chunk, version: int,
-               self_index: torch.Tensor | None, k: int, floor: torch.Tensor, guess: int,
+def chunk_topk(backend, view: ChunkView, k: int, floor: torch.Tensor, guess: int,
                ) -> tuple[torch.Tensor, int]:
-    """The chunk's best keys that can still enter a running top-``k`` whose k-th score
-    per query is ``floor`` (best first, PAD-filled), and a guess for the next chunk.
+    """The chunk's best keys that can still enter a running top-``k`` whose k-th key per
+    query is ``floor`` (best first, PAD-filled), and a guess for the next chunk.
 
     Only a few items of a chunk can beat a running top-k that has seen many chunks, so
     ``guess`` candidates are asked for (cheap); a query whose guess-th candidate still
-    reaches its floor is asked again for k.
+    beats its floor is asked again for k.
     """
-    full = min(k, chunk.width)
+    full = min(k, view.chunk.width)
     take = min(guess, full)
-    keys, last = _best(backend, query, chunk, version, self_index, take)
-    short = torch.nonzero(last >= floor).flatten() if take < full else last[:0]
+    keys = _best(backend, view, take)
+    short = torch.nonzero(keys[:, -1] > floor).flatten() if take < full else floor[:0]
     if len(short):
         keys = torch.nn.functional.pad(keys, (0, full - take), value=PAD)
-        keys[short] = _best(backend, query, chunk, version, self_index, full, short)[0]
-    entered = ((decode_scores(keys) >= floor[:, None]) & (keys != PAD)).sum(1)
-    next_guess = int(torch.quantile(entered.double(), 0.99)) + 8  # outliers are asked again
-    return torch.sort(keys, dim=1, descending=True).values, next_guess
+        keys[short] = _best(backend, view, full, short)
+    entered = (keys > floor[:, None]).sum(1)
+    typical = torch.kthvalue(entered, -(-99 * len(entered) // 100)).values  # outliers ask again
+    return keys, int(typical) + 8
 
 
 def _scan(plan: Plan, query: torch.Tensor, k: int, backend, chunk_rows: int,
@@ -304,12 +318,13 @@ def _scan(plan: Plan, query: torch.Tensor, k: int, backend, chunk_rows: int,
     prefixes of the new rows (scanned forward), suffixes of the old rows (backward)."""
     forward = version == NEW
     running, guess, found = None, k, {}
-    floor = torch.full((len(query),), -torch.inf, device=query.device)
+    floor = torch.full((len(query),), PAD, device=query.device)
     for chunk in plan.chunks(chunk_rows, query.device, (version,), reverse=not forward):
-        keys, guess = chunk_topk(backend, query, chunk, version, self_index, k, floor, guess)
+        view = ChunkView(query, chunk, version, self_index)
+        keys, guess = chunk_topk(backend, view, k, floor, guess)
         running = merge_topk(running, keys, k)
         if running.shape[1] == k:
-            floor = decode_scores(running[:, -1])
+            floor = running[:, -1]
         edge = chunk.start + chunk.width if forward else chunk.start
         if edge in plan.cuts:
             found[edge] = running

@@ -117,7 +117,7 @@ def as_labels(y: ArrayLike, n: int, name: str, items: str) -> np.ndarray:
         raise DimensionMismatchError(
             f"{name} has {len(labels)} labels but {items} has {n} rows; pass one label per row"
         )
-    return labels.astype(np.int64, copy=False)
+    return np.ascontiguousarray(labels, dtype=np.int64)
 
 
 def check_same_dim(a: Features, b: Features) -> None:
@@ -144,7 +144,7 @@ def check_order(order: ArrayLike, n: int) -> np.ndarray:
             f"order must be a 1-D integer permutation of the {n} gallery indices, got dtype "
             f"{values.dtype} and shape {values.shape}"
         )
-    values = values.astype(np.int64, copy=False)
+    values = np.ascontiguousarray(values, dtype=np.int64)
     outside = np.flatnonzero((values < 0) | (values >= n))
     if len(outside):
         raise InvalidArgumentError(
@@ -158,6 +158,14 @@ def check_order(order: ArrayLike, n: int) -> np.ndarray:
             f"{_first(torch.from_numpy(missing))}) and others repeat; list every index once"
         )
     return values
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InvalidArgumentError(
+            f"chunk_size must be a positive number of gallery rows or None (automatic from "
+            f"the memory budget), got {chunk_size!r}"
+        )
 
 
 def check_leave_one_out(query: Features, query_labels: np.ndarray,

@@ -16,8 +16,8 @@ import torch
 
 from compatzoo.retrieval.search import TorchBackend, normalised, search, similarity
 from compatzoo.retrieval.validation import (
-    ArrayLike, Features, InvalidArgumentError, as_features, as_labels, check_same_shape,
-    validate_retrieval,
+    ArrayLike, Features, InvalidArgumentError, as_features, as_labels, check_chunk_size,
+    check_same_shape, validate_retrieval,
 )
 
 _PAIR_ROWS = 4096  # rows (or pairs) scored at a time
@@ -26,7 +26,9 @@ _PAIR_ROWS = 4096  # rows (or pairs) scored at a time
 def _check_targets(targets: Sequence[float], name: str) -> list[float]:
     values = [float(t) for t in ([targets] if np.isscalar(targets) else targets)]
     if not values or any(not 0.0 < t <= 1.0 for t in values):
-        raise InvalidArgumentError(f"{name} must be rates in (0, 1], e.g. (1e-4, 1e-3); got {targets!r}")
+        raise InvalidArgumentError(
+            f"{name} must be rates in (0, 1], e.g. (1e-4, 1e-3); got {targets!r}"
+        )
     return values
 
 
@@ -46,9 +48,9 @@ def _accept_rates(positives: torch.Tensor, top_negatives: torch.Tensor, n_negati
 
 
 def _pair_scores(a: Features, b: Features, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    device = torch.device("cpu")
+    cpu = torch.device("cpu")
     return torch.cat([
-        (normalised(a, i[s:s + _PAIR_ROWS], device) * normalised(b, j[s:s + _PAIR_ROWS], device)).sum(1)
+        (normalised(a, i[s:s + _PAIR_ROWS], cpu) * normalised(b, j[s:s + _PAIR_ROWS], cpu)).sum(1)
         for s in range(0, len(i), _PAIR_ROWS)
     ]) if len(i) else torch.empty(0)
 
@@ -94,7 +96,9 @@ def tar_at_far(features: ArrayLike, labels: ArrayLike | None,
     check_same_shape(a, b)
     if pairs is None:
         if labels is None:
-            raise InvalidArgumentError("labels are needed to form pairs; or pass pairs=(i, j, same)")
+            raise InvalidArgumentError(
+                "labels are needed to form pairs; or pass pairs=(i, j, same)"
+            )
         y = torch.from_numpy(as_labels(labels, a.n, "labels", "features"))
         keep = int(np.floor(max(targets) * a.n * b.n)) + 1
         genuine, top, n_impostors = _all_pair_scores(a, b, y, keep, features_b is not None)
@@ -134,6 +138,7 @@ def tpir_at_fpir(probe: ArrayLike, probe_labels: ArrayLike, gallery: ArrayLike,
     targets = _check_targets(fpir_targets, "fpir_targets")
     if not isinstance(rank, int) or rank < 1:
         raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}")
+    check_chunk_size(chunk_size)
     p, pl, g, gl = validate_retrieval(probe, probe_labels, gallery, gallery_labels,
                                       names=("probe", "gallery"))
     mated = torch.from_numpy(np.isin(pl, gl))

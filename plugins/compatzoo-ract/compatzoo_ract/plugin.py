@@ -4,6 +4,7 @@ from compatzoo.hookspecs import hookimpl
 
 from compatzoo_ract.losses import (ContrastiveLoss, ContrastiveParams, RACTLoss, RACTParams,
                                    RACTTripletLoss, TripletLoss, TripletParams)
+from compatzoo_ract.schedulers import UncertaintyParams, UncertaintyScheduler
 
 
 @hookimpl
@@ -12,3 +13,4 @@ def register_components(register):
     register("loss", "contrastive", ContrastiveLoss, ContrastiveParams)
     register("loss", "ract-triplet", RACTTripletLoss, TripletParams)
     register("loss", "triplet", TripletLoss, TripletParams)
+    register("scheduler", "uncertainty", UncertaintyScheduler, UncertaintyParams)

@@ -1,0 +1,219 @@
+"""Speed and memory of compatzoo's retrieval engine.
+
+For each gallery size G (d = 512, 1,000 queries by default) it measures:
+  - ``evaluate`` (map@100, cmc@1): time, peak memory, achieved GFLOP/s (2*Q*G*d / time)
+    against a plain torch matmul of the same shape timed in the same run;
+  - a 21-point ``backfill_curve`` against 21 plain evaluations of the mixed galleries
+    (above ``--naive-max`` the 21 evaluations are extrapolated from one, and marked so).
+Every (size, task) runs in a fresh subprocess, so its peak resident memory
+(``ru_maxrss``, which sees torch/faiss allocations that tracemalloc does not) is its own;
+data are generated in place so the task's peak, not the data generation's, is measured.
+
+    python benchmarks/bench_retrieval.py --quick
+    python benchmarks/bench_retrieval.py --sizes 1e4 1e5 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("map@100", "cmc@1")
+TASKS = ("matmul", "evaluate", "curve", "naive")
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _maxrss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _features(rng, n: int, dim: int):
+    """Gaussian float32 features written block by block (no full-size temporaries)."""
+    import numpy as np
+
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 65536):
+        rng.standard_normal(dtype=np.float32, out=out[start:start + 65536])
+    return out
+
+
+def _matmul(query, gallery, block: int | None) -> None:
+    import torch
+
+    q, g = torch.from_numpy(query), torch.from_numpy(gallery)
+    if block is None:
+        q @ g.T
+    else:
+        for start in range(0, len(g), block):
+            q @ g[start:start + block].T
+
+
+def run_task(task: str, size: int, queries: int, dim: int, points: int, repeat: int,
+             threads: int) -> dict:
+    """One task on fresh data in this process; returns timings and memory."""
+    import numpy as np
+    import torch
+
+    from compatzoo.retrieval import backfill_curve, evaluate
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    warm = _features(rng, 64, dim)  # load kernels and thread pools before measuring
+    evaluate(warm, np.arange(64) % 4, warm, np.arange(64) % 4, METRICS)
+    rss_base = _rss_kb()
+
+    n_classes = max(1, size // 10)
+    query = _features(rng, queries, dim)
+    gallery = _features(rng, size, dim)
+    query_labels = rng.integers(0, n_classes, queries)
+    gallery_labels = rng.integers(0, n_classes, size)
+    extra = {}
+    if task in ("curve", "naive"):
+        gallery_new = _features(rng, size, dim)
+        order = rng.permutation(size)
+    if task == "naive":
+        mixed = gallery.copy()
+    data_kb = _rss_kb() - rss_base
+    before = max(_rss_kb(), _maxrss_kb())
+
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        if task == "matmul":
+            block = None if queries * size * 4 <= 2**30 else 65536  # no 4 GB score matrix
+            extra["matmul_blocked"] = block is not None
+            _matmul(query, gallery, block)
+        elif task == "evaluate":
+            extra["metrics"] = evaluate(query, query_labels, gallery, gallery_labels, METRICS)
+        elif task == "curve":
+            curve = backfill_curve(query, gallery, gallery_new, query_labels, gallery_labels,
+                                   order, points=points, metrics=METRICS)
+            extra["auc"] = curve.auc
+        else:  # naive: one evaluate per point on the mixed gallery (mixing not timed)
+            elapsed, done = 0.0, 0
+            for fraction in np.linspace(0, 1, points):
+                upto = round(fraction * size)
+                mixed[order[done:upto]] = gallery_new[order[done:upto]]
+                done = upto
+                tick = time.perf_counter()
+                evaluate(query, query_labels, mixed, gallery_labels, METRICS)
+                elapsed += time.perf_counter() - tick
+            start = time.perf_counter() - elapsed
+        times.append(time.perf_counter() - start)
+    return {
+        "task": task, "size": size, "seconds": min(times), "all_seconds": times,
+        "peak_extra_mb": max(0, _maxrss_kb() - before) / 1024,
+        "data_mb": data_kb / 1024,
+        "gallery_mb": size * dim * 4 / 2**20, **extra,
+    }
+
+
+def _in_subprocess(task: str, size: int, args) -> dict:
+    command = [sys.executable, __file__, "--worker", task, "--sizes", str(size),
+               "--queries", str(args.queries), "--dim", str(args.dim),
+               "--points", str(args.points), "--repeat", str(args.repeat),
+               "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{task} at G={size} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_size(size: int, args) -> dict:
+    flops = 2 * args.queries * size * args.dim
+    result = {"size": size, "queries": args.queries, "dim": args.dim, "points": args.points}
+    for task in TASKS:
+        if task == "naive" and size > args.naive_max:
+            continue
+        result[task] = _in_subprocess(task, size, args)
+        print(f"  G={size:.0e} {task:8s} {result[task]['seconds']:8.3f} s  "
+              f"peak +{result[task]['peak_extra_mb']:7.1f} MB", flush=True)
+    evaluate_s = result["evaluate"]["seconds"]
+    if "naive" in result:
+        naive_s, extrapolated = result["naive"]["seconds"], False
+    else:
+        naive_s, extrapolated = args.points * evaluate_s, True
+    result["summary"] = {
+        "evaluate_gflops": flops / evaluate_s / 1e9,
+        "matmul_gflops": flops / result["matmul"]["seconds"] / 1e9,
+        "evaluate_vs_matmul": result["matmul"]["seconds"] / evaluate_s,
+        "curve_over_evaluate": result["curve"]["seconds"] / evaluate_s,
+        "naive_seconds": naive_s,
+        "naive_extrapolated": extrapolated,
+        "naive_over_curve": naive_s / result["curve"]["seconds"],
+        "evaluate_peak_over_gallery": result["evaluate"]["peak_extra_mb"]
+        / result["evaluate"]["gallery_mb"],
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6],
+                        help="gallery sizes (default 1e4 1e5 1e6)")
+    parser.add_argument("--quick", action="store_true", help="only G = 1e4")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--points", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per task; the best counts")
+    parser.add_argument("--naive-max", type=float, default=1e5,
+                        help="above this size 21 evaluations are extrapolated from one")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY for the workers ('' leaves it unset). On a shared, "
+                        "oversubscribed box the OpenMP default makes each of torch's small "
+                        "parallel ops wait milliseconds for a descheduled thread")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = [10_000] if args.quick else [int(s) for s in args.sizes]
+
+    if args.worker:
+        print(json.dumps(run_task(args.worker, sizes[0], args.queries, args.dim, args.points,
+                                  args.repeat, args.threads)))
+        return
+
+    import torch
+
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": args.threads,
+                    "omp_wait_policy": args.omp_wait_policy or None,
+                    "load_average_at_start": os.getloadavg()},
+        "sizes": [],
+    }
+    for size in sizes:
+        print(f"G = {size:,} (Q = {args.queries}, d = {args.dim})", flush=True)
+        result = bench_size(size, args)
+        results["sizes"].append(result)
+        s = result["summary"]
+        print(f"  evaluate {s['evaluate_gflops']:.1f} GFLOP/s vs matmul {s['matmul_gflops']:.1f} "
+              f"GFLOP/s ({100 * s['evaluate_vs_matmul']:.0f}% of matmul speed); "
+              f"peak {s['evaluate_peak_over_gallery']:.2f}x the gallery's bytes")
+        print(f"  {args.points}-point curve {result['curve']['seconds']:.2f} s = "
+              f"{s['curve_over_evaluate']:.2f}x one evaluate; {args.points} evaluations "
+              f"{s['naive_seconds']:.2f} s{' (extrapolated)' if s['naive_extrapolated'] else ''}"
+              f" = {s['naive_over_curve']:.1f}x the curve", flush=True)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

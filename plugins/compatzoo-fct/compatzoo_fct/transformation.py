@@ -1,0 +1,202 @@
+"""FCT's transformation h(phi_old(x), psi(x)) -> phi_new(x) and, for chains of updates,
+the side transformation g(phi_i(x), psi_i(x)) -> psi_{i+1}(x) (Ramanujan et al. 2022,
+secs. 3.3 and 4.4, fig. 4; layer sizes and recipe from the ml-fct reference code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from compatzoo.errors import InvalidFeaturesError, SpecError
+from compatzoo.gallery import FitRecipe, check_fit_context, fit_minibatches
+from compatzoo.interfaces import GalleryUpgrader, UpgradeContext, check_features
+
+from compatzoo_fct.side_info import (SIDE_INFORMATION, LearnedSide, SideInfoName,
+                                     SideInformation, SideModelParams)
+
+MappingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SIDE_SEED_OFFSET = 1  # side models train with another seed than the old model
+
+
+class FCTParams(FitRecipe):
+    """h's architecture, its side information and its recipe (ml-fct
+    configs/*_transformation.yaml: Adam 5e-4, wd 2^-15, cosine with 5 warm-up epochs,
+    80 epochs, batch 1024, eval mode for the second half)."""
+
+    side_info: SideInfoName = Field(
+        "simclr", description="side-information model, trained on old_train only (FCT table 6): "
+        "simclr, alt-old, alt-old-mixup, autoencoder, none (zero vector), old-embedding "
+        "(phi_old again, the reference code's no-side-model behaviour)")
+    side_info_dim: int = Field(128, ge=1, description="width of psi(x) (FCT: SimCLR-128; ml-fct "
+                               "side_info_dim 128); for none, the width of the zero vector")
+    inner_dim: int = Field(2048, ge=1, description="width of the mixer's hidden layers (ml-fct)")
+    side_model: SideModelParams = Field(default_factory=SideModelParams,
+                                        description="side encoder and its training")
+    epochs: int = Field(80, ge=1, description="ml-fct: 80")
+    batch_size: int = Field(1024, ge=2, description="ml-fct: 1024")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="ml-fct: adam")
+    lr: float = Field(5e-4, gt=0, description="ml-fct: 5e-4")
+    weight_decay: float = Field(3.0517578125e-05, ge=0, description="ml-fct: 2^-15")
+    warmup_epochs: float = Field(5.0, ge=0, description="ml-fct: 5")
+    freeze_bn_from: float | None = Field(0.5, ge=0, le=1, description="ml-fct "
+                                         "switch_mode_to_eval: eval mode from half the epochs on")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    """Linear + BN + ReLU: the reference's 1x1 ConvBlock on a vector."""
+    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+class FCTNet(nn.Module):
+    """Two projection branches and a mixer (FCT fig. 4):
+    old ``d_old -> 2 d_old -> 2 d_new``, side ``d_side -> 2 d_side -> 2 d_new``,
+    mixer ``4 d_new -> inner -> inner -> d_new + extra_outputs`` (last layer plain)."""
+
+    def __init__(self, old_dim: int, side_dim: int, new_dim: int, inner_dim: int,
+                 extra_outputs: int = 0):
+        super().__init__()
+        self.old_branch = nn.Sequential(_block(old_dim, 2 * old_dim), _block(2 * old_dim, 2 * new_dim))
+        self.side_branch = nn.Sequential(_block(side_dim, 2 * side_dim),
+                                         _block(2 * side_dim, 2 * new_dim))
+        self.mixer = nn.Sequential(_block(4 * new_dim, inner_dim), _block(inner_dim, inner_dim),
+                                   nn.Linear(inner_dim, new_dim + extra_outputs))
+
+    def forward(self, old: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self.mixer(torch.cat([self.old_branch(old), self.side_branch(side)], dim=1))
+
+
+def make_side_model(params: FCTParams, old_dim: int) -> SideInformation:
+    return SIDE_INFORMATION[params.side_info](params.side_model, params.side_info_dim, old_dim)
+
+
+class FCTTransformation(GalleryUpgrader):
+    """h: old embedding + stored side information -> new embedding, trained with MSE on
+    the new training set (FCT sec. 3.3). ``fit`` first trains the side model on
+    ``old_train`` unless it is trained already (loaded, or adopted from a chain).
+
+    The stored side width comes from the params (``side_info_dim``; 0 for ``none`` and
+    ``old-embedding``); a conflicting ``side_dim`` passed by the caller is an error.
+    """
+
+    extra_outputs: ClassVar[int] = 0
+
+    def __init__(self, params: FCTParams | None = None, input_dim: int = 0,
+                 output_dim: int = 0, side_dim: int = 0):
+        super().__init__()
+        self.params = params or FCTParams()
+        self.input_dim, self.output_dim = input_dim, output_dim
+        self.side_model = make_side_model(self.params, input_dim)
+        self.side_dim = self.side_model.stored_dim
+        if side_dim and side_dim != self.side_dim:
+            raise SpecError(f"side_dim {side_dim} was passed, but side_info "
+                            f"'{self.params.side_info}' stores {self.side_dim} values per item; "
+                            "set params.side_info_dim instead")
+        self.net = FCTNet(input_dim, self.side_model.input_dim, output_dim,
+                          self.params.inner_dim, self.extra_outputs)
+
+    def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(old, self.side_model.branch_input(old, side))
+
+    def side_information(self, images: Any, batch_size: int = 512,
+                         progress: bool = True) -> torch.Tensor | None:
+        if not bool(self.side_model.fitted):
+            raise SpecError("the side-information model is not trained yet; call fit() (or "
+                            "adopt_side_model()) before extracting side information")
+        return self.side_model.extract(images, batch_size, progress)
+
+    def adopt_side_model(self, side_model: SideInformation) -> None:
+        """Use a trained side model, e.g. ``g.next_side_model`` of the previous hop of a
+        chain, so that h_{i+1} reads the psi_i the gallery's side information came from."""
+        if type(side_model) is not type(self.side_model) or side_model.input_dim != self.side_model.input_dim:
+            raise SpecError(f"cannot adopt a {type(side_model).__name__} of width "
+                            f"{side_model.input_dim}: this upgrader was built for a "
+                            f"{type(self.side_model).__name__} of width {self.side_model.input_dim}")
+        if not bool(side_model.fitted):
+            raise SpecError("the side model to adopt is not trained yet")
+        self.side_model = side_model
+
+    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+        check_fit_context(context, self.input_dim, self.output_dim)
+        loss = self.mapping_loss(context)
+        logs = self.fit_side_model(context)
+        side = self.side_model.extract(context.new_train, progress=context.progress)
+        return logs + self.fit_mapping(context, side, context.new_features, loss)
+
+    def mapping_loss(self, context: UpgradeContext) -> MappingLoss:
+        """``(net output, target, labels) -> loss``: the reference's nn.MSELoss, the mean
+        over items and dimensions. Built before any training so subclasses can fail early."""
+        return lambda output, target, labels: F.mse_loss(output, target)
+
+    def fit_side_model(self, context: UpgradeContext) -> list[dict[str, float]]:
+        """Train psi on the old training images only (FCT sec. 3.2), unless trained already."""
+        if bool(self.side_model.fitted):
+            return []
+        logs = self.side_model.fit(context.old_train, context.augment, context.device,
+                                   context.seed + SIDE_SEED_OFFSET, context.progress)
+        return [{f"side/{key}": value for key, value in log.items()} for log in logs]
+
+    def fit_mapping(self, context: UpgradeContext, side: torch.Tensor | None,
+                    target: torch.Tensor, loss: MappingLoss) -> list[dict[str, float]]:
+        """Regress the net's output on ``target`` over new_train with the frozen
+        (phi_old(x), s(x)) as input; BatchNorm freezes as the recipe says."""
+        device = context.device
+        self.to(device)
+        old = context.old_features.to(device, torch.float32)
+        target = target.to(device, torch.float32)
+        side = None if side is None else side.to(device, torch.float32)
+        labels = context.labels.to(device)
+        for name, value in (("target", target), ("side information", side), ("labels", labels)):
+            if value is not None and len(value) != len(old):
+                raise InvalidFeaturesError(f"{len(old)} old training features but {len(value)} "
+                                           f"rows of {name}; all must follow new_train's order")
+
+        def batch_loss(index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+            index = index.to(device)
+            stored = None if side is None else side[index]
+            output = self.net(old[index], self.side_model.branch_input(old[index], stored))
+            return loss(output, target[index], labels[index])
+
+        logs = fit_minibatches(self.net, len(old), batch_loss, self.params, seed=context.seed,
+                               progress=context.progress, desc=type(self).__name__)
+        self.eval()
+        return logs
+
+
+class FCTSideTransformation(FCTTransformation):
+    """g_{i+1}: (phi_i(x), psi_i(x)) -> psi_{i+1}(x), same architecture and MSE training
+    as h (FCT sec. 4.4, fig. 5). Its output width is ``side_info_dim`` (the factory's
+    ``output_dim`` is ignored): psi_{i+1}, ``next_side_model``, is of the same kind and
+    architecture as psi_i and is trained here on ``new_train``, the v_{i+1} data.
+
+    Chain v1 -> v2 -> v3 (stored: phi_1(G), s_1 = psi_1(G))::
+
+        h2 = fct-transformation(d1 -> d2); h2.fit(ctx12)           # psi_1 on D1, h2 on D2
+        g2 = fct-side-transformation(d1); g2.adopt_side_model(h2.side_model); g2.fit(ctx12)
+        h3 = fct-transformation(d2 -> d3); h3.adopt_side_model(g2.next_side_model); h3.fit(ctx23)
+        gallery_v3 = h3.upgrade(h2.upgrade(phi_1, s_1), g2.upgrade(phi_1, s_1))
+    """
+
+    def __init__(self, params: FCTParams | None = None, input_dim: int = 0,
+                 output_dim: int = 0, side_dim: int = 0):
+        params = params or FCTParams()
+        if not issubclass(SIDE_INFORMATION[params.side_info], LearnedSide):
+            raise SpecError(f"fct-side-transformation maps learned side information to the next "
+                            f"version's; side_info '{params.side_info}' stores none")
+        super().__init__(params, input_dim, params.side_info_dim, side_dim)
+        self.next_side_model = make_side_model(params, input_dim)
+
+    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+        check_features(context.old_features, self.input_dim, "old features of the training set")
+        loss = self.mapping_loss(context)
+        logs = self.fit_side_model(context)
+        next_logs = self.next_side_model.fit(context.new_train, context.augment, context.device,
+                                             context.seed + SIDE_SEED_OFFSET, context.progress)
+        side = self.side_model.extract(context.new_train, progress=context.progress)
+        target = self.next_side_model.extract(context.new_train, progress=context.progress)
+        logs += [{f"next_side/{key}": value for key, value in log.items()} for log in next_logs]
+        return logs + self.fit_mapping(context, side, target, loss)

@@ -1,0 +1,242 @@
+"""compatzoo-fct: h's branches and mixer, its MSE fit with BatchNorm frozen for the second
+half, every side-information model on a tiny image set, the side transformation g of a
+chain, linear CKA and registration."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compatzoo
+from compatzoo.data.augment import BatchAugment
+from compatzoo.data.datasets import TensorImages
+from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, PluginError, SpecError
+from compatzoo.interfaces import UpgradeContext
+from compatzoo.registry import get_registry
+from compatzoo_fct import (SIDE_INFORMATION, FCTParams, FCTSideTransformation,
+                           FCTTransformation, linear_cka)
+from compatzoo_fct.side_info import SideInfoName
+
+TINY_SIDE = {"epochs": 1, "batch_size": 8, "encoder_params": {"widths": [4, 8]}}
+
+
+def tiny_images(n: int = 24, seed: int = 0) -> TensorImages:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g)
+    return TensorImages(images, np.arange(n) % 3, (0.5,) * 3, (0.25,) * 3)
+
+
+def context(old: torch.Tensor, new: torch.Tensor, images: TensorImages | None = None,
+            **extra) -> UpgradeContext:
+    return UpgradeContext(old_train=images, new_train=images, old_encoder=None, new_encoder=None,
+                          old_features=old, new_features=new,
+                          labels=torch.arange(len(old)) % 3, augment=BatchAugment(),
+                          progress=False, **extra)
+
+
+def image_context(images: TensorImages, d_old: int = 6, d_new: int = 10) -> UpgradeContext:
+    g = torch.Generator().manual_seed(1)
+    return context(torch.randn(len(images), d_old, generator=g),
+                   torch.randn(len(images), d_new, generator=g), images)
+
+
+def fct(side_info: SideInfoName = "none", d_old: int = 8, d_new: int = 12, **params) -> FCTTransformation:
+    params = {"side_info": side_info, "side_info_dim": 6, "inner_dim": 32,
+              "side_model": TINY_SIDE, **params}
+    return compatzoo.create_upgrader("fct-transformation", d_old, d_new, **params)
+
+
+def mse(upgrader: FCTTransformation, old: torch.Tensor, new: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((upgrader.eval()(old) - new) ** 2).mean())
+
+
+def test_branches_and_mixer_have_the_reference_widths():
+    h = fct("simclr")                                           # d_old 8, d_side 6, d_new 12
+    net = h.net
+
+    def widths(seq: nn.Sequential) -> list[tuple[int, int]]:
+        return [(m.in_features, m.out_features) for m in seq.modules() if isinstance(m, nn.Linear)]
+
+    assert widths(net.old_branch) == [(8, 16), (16, 24)]
+    assert widths(net.side_branch) == [(6, 12), (12, 24)]
+    assert widths(net.mixer) == [(48, 32), (32, 32), (32, 12)]
+    for block in [*net.old_branch, *net.side_branch, *net.mixer[:2]]:
+        assert [type(m) for m in block] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert isinstance(net.mixer[-1], nn.Linear)                   # last layer: no BN / ReLU
+    assert h(torch.randn(4, 8), torch.randn(4, 6)).shape == (4, 12)
+
+
+def test_reference_recipe_defaults():
+    p = FCTParams()
+    assert (p.side_info, p.side_info_dim, p.inner_dim) == ("simclr", 128, 2048)
+    assert (p.optimizer, p.lr, p.weight_decay, p.epochs, p.batch_size) == ("adam", 5e-4, 2**-15, 80, 1024)
+    assert (p.warmup_epochs, p.freeze_bn_from) == (5.0, 0.5)
+
+
+def test_fit_reduces_the_mse_on_a_linear_problem():
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(256, 8, generator=g)
+    new = old @ torch.randn(8, 12, generator=g)
+    h = fct("none", epochs=10, batch_size=32, lr=1e-2, warmup_epochs=1)
+    before = mse(h, old, new)
+    logs = h.fit(context(old, new))
+    assert len(logs) == 10 and logs[-1]["loss"] < logs[0]["loss"]
+    assert mse(h, old, new) < 0.25 * before
+    assert not h.training                                         # fitted upgraders are in eval mode
+
+
+def test_batchnorm_statistics_freeze_for_the_second_half():
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(64, 8, generator=g), torch.randn(64, 12, generator=g)
+    h = fct("none", epochs=4, batch_size=16)                       # 4 steps per epoch
+    bn, linear = h.net.mixer[0][1], h.net.mixer[0][0]
+    calls: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
+    bn.register_forward_hook(lambda m, i, o: calls.append(
+        (m.training, m.running_mean.clone(), linear.weight.detach().clone())))
+    h.fit(context(old, new))
+    assert [c[0] for c in calls] == [True] * 8 + [False] * 8
+    assert not torch.equal(calls[0][1], calls[7][1])              # first half: stats move
+    assert all(torch.equal(calls[7][1], c[1]) for c in calls[8:])  # second half: frozen
+    assert not torch.equal(calls[8][2], calls[-1][2])             # ... while weights still learn
+
+
+def test_side_info_names_and_table_agree():
+    assert set(get_args(SideInfoName)) == set(SIDE_INFORMATION)
+
+
+@pytest.mark.parametrize("kind", sorted(SIDE_INFORMATION))
+def test_every_side_model_trains_one_tiny_epoch(kind):
+    images = tiny_images()
+    h = fct(kind, d_old=6, d_new=10, epochs=1, batch_size=8)
+    learned = h.side_dim > 0
+    before = {k: v.clone() for k, v in h.side_model.state_dict().items()}
+    logs = h.fit(image_context(images))
+    side = h.side_information(images, batch_size=10, progress=False)
+    if learned:
+        assert h.side_dim == 6 and side.shape == (len(images), 6)
+        assert torch.isfinite(side).all()
+        assert any("side/loss" in log for log in logs)
+        changed = [k for k, v in h.side_model.state_dict().items()
+                   if k.endswith("weight") and not torch.equal(v, before[k])]
+        assert changed, "the side encoder did not train"
+        out = h.upgrade(np.random.rand(5, 6).astype(np.float32), side[:5].numpy())
+    else:
+        assert h.side_dim == 0 and side is None
+        out = h.upgrade(np.random.rand(5, 6).astype(np.float32))
+    assert out.shape == (5, 10)
+
+
+def test_none_feeds_zeros_and_old_embedding_feeds_the_old_features():
+    old = torch.randn(3, 8)
+    assert torch.equal(fct("none").side_model.branch_input(old, None), torch.zeros(3, 6))
+    h = fct("old-embedding")
+    assert torch.equal(h.side_model.branch_input(old, None), old)
+    assert h.net.side_branch[0][0].in_features == 8
+
+
+def test_side_information_before_fit_is_an_error():
+    with pytest.raises(SpecError, match="not trained yet"):
+        fct("alt-old").side_information(tiny_images())
+
+
+def test_simclr_needs_an_augmentation_and_says_so_before_training():
+    images = tiny_images()
+    ctx = image_context(images)
+    ctx.augment = None
+    h = fct("simclr", d_old=6, d_new=10)
+    with pytest.raises(SpecError, match="augment"):
+        h.fit(ctx)
+    assert not bool(h.side_model.fitted)
+
+
+def test_bad_stored_input_fails_before_any_work():
+    h = fct("alt-old")
+    h.side_model.fitted.fill_(True)
+    with pytest.raises(InvalidFeaturesError, match="needs side information of dimension 6"):
+        h.upgrade(np.zeros((4, 8), np.float32))
+    with pytest.raises(DimensionMismatchError, match="dimension 7 but 8"):
+        h.upgrade(np.zeros((4, 7), np.float32), np.zeros((4, 6), np.float32))
+    side = np.zeros((4, 6), np.float32)
+    side[2, 0] = np.inf
+    with pytest.raises(InvalidFeaturesError, match="inf in 1 rows"):
+        h.upgrade(np.zeros((4, 8), np.float32), side)
+
+
+def test_conflicting_runtime_side_dim_is_an_error():
+    with pytest.raises(SpecError, match="side_info_dim"):
+        compatzoo.create_upgrader("fct-transformation", 8, 12, side_dim=64, side_info="none")
+
+
+def test_side_transformation_chains_v1_to_v3():
+    images = tiny_images()
+    ctx12 = image_context(images, d_old=6, d_new=10)
+    kw = {"side_info": "alt-old", "side_info_dim": 6, "inner_dim": 16, "side_model": TINY_SIDE,
+          "epochs": 1, "batch_size": 8}
+    h2 = compatzoo.create_upgrader("fct-transformation", 6, 10, **kw)
+    h2.fit(ctx12)
+    g2 = compatzoo.create_upgrader("fct-side-transformation", 6, 10, **kw)
+    assert isinstance(g2, FCTSideTransformation) and g2.output_dim == 6 and g2.side_dim == 6
+    g2.adopt_side_model(h2.side_model)
+    logs = g2.fit(ctx12)
+    assert any("next_side/loss" in log for log in logs) and not any("side/loss" in log for log in logs)
+    assert g2.side_model is h2.side_model and bool(g2.next_side_model.fitted)
+
+    ctx23 = image_context(images, d_old=10, d_new=4)
+    h3 = compatzoo.create_upgrader("fct-transformation", 10, 4, **kw)
+    h3.adopt_side_model(g2.next_side_model)
+    frozen = {k: v.clone() for k, v in g2.next_side_model.state_dict().items()}
+    h3.fit(ctx23)
+    assert all(torch.equal(v, frozen[k]) for k, v in h3.side_model.state_dict().items())
+
+    phi1 = np.random.rand(5, 6).astype(np.float32)
+    s1 = h2.side_information(images, progress=False)[:5].numpy()
+    v3 = h3.upgrade(h2.upgrade(phi1, s1), g2.upgrade(phi1, s1))
+    assert v3.shape == (5, 4) and np.isfinite(v3).all()
+
+
+def test_side_transformation_needs_learned_side_information():
+    with pytest.raises(SpecError, match="stores none"):
+        compatzoo.create_upgrader("fct-side-transformation", 6, 10, side_info="none")
+
+
+def test_adopting_a_mismatched_or_untrained_side_model_is_an_error():
+    with pytest.raises(SpecError, match="cannot adopt"):
+        fct("alt-old").adopt_side_model(fct("simclr").side_model)
+    with pytest.raises(SpecError, match="not trained"):
+        fct("alt-old").adopt_side_model(fct("alt-old").side_model)
+
+
+def test_linear_cka_hand_checks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g)
+    y = torch.randn(50, 4, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, x @ q) == pytest.approx(1.0)                 # orthogonal invariance
+    assert linear_cka(x, 3.7 * x) == pytest.approx(1.0)               # isotropic scaling
+    assert linear_cka(x @ q, 0.5 * y) == pytest.approx(linear_cka(x, y))
+    assert linear_cka(x, x + 5.0) == pytest.approx(1.0)               # centring
+    assert 0.0 < linear_cka(x, y) < 0.5
+    assert linear_cka(x.numpy(), np.zeros((50, 3))) == 0.0             # zero side info
+    # hand value: x = [1, 0, -1], y = [1, -1, 0] -> <x,y>^2 / (|x|^2 |y|^2) = 1 / 4
+    assert linear_cka(np.array([[1.0], [0.0], [-1.0]]), np.array([[1.0], [-1.0], [0.0]])) == pytest.approx(0.25)
+    with pytest.raises(InvalidFeaturesError, match="same N"):
+        linear_cka(x, y[:10])
+
+
+def test_registered_through_the_entry_point_with_validated_params():
+    registry = get_registry()
+    for name in ("fct-transformation", "fct-side-transformation"):
+        assert registry.get("upgrader", name).distribution == "compatzoo-fct"
+    with pytest.raises(SpecError, match="side_info"):
+        compatzoo.create_upgrader("fct-transformation", 8, 12, side_info="jigsaw")
+    with pytest.raises(SpecError, match="side_info_dim instead"):
+        compatzoo.create_upgrader("fct-transformation", 8, 12,
+                                  side_model={"encoder_params": {"embedding_dim": 3}})
+    with pytest.raises(PluginError, match="no encoder named 'resnet5'"):
+        compatzoo.create_upgrader("fct-transformation", 8, 12, side_model={"encoder": "resnet5"})
