@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 METRICS = ("map@100", "cmc@1")
-TASKS = ("matmul", "evaluate", "curve", "naive")
+TASKS = ("matmul", "evaluate", "curve", "naive", "evaluate_map")
 
 
 def _rss_kb() -> int:
@@ -96,6 +96,8 @@ def run_task(task: str, size: int, queries: int, dim: int, points: int, repeat: 
             _matmul(query, gallery, block)
         elif task == "evaluate":
             extra["metrics"] = evaluate(query, query_labels, gallery, gallery_labels, METRICS)
+        elif task == "evaluate_map":  # full-ranking mAP: two counting passes
+            extra["metrics"] = evaluate(query, query_labels, gallery, gallery_labels, ["map"])
         elif task == "curve":
             curve = backfill_curve(query, gallery, gallery_new, query_labels, gallery_labels,
                                    order, points=points, metrics=METRICS)
@@ -138,7 +140,8 @@ def bench_size(size: int, args) -> dict:
     flops = 2 * args.queries * size * args.dim
     result = {"size": size, "queries": args.queries, "dim": args.dim, "points": args.points}
     for task in TASKS:
-        if task == "naive" and size > args.naive_max:
+        if (task == "naive" and size > args.naive_max) or (
+                task == "evaluate_map" and not args.full_ranking):
             continue
         result[task] = _in_subprocess(task, size, args)
         print(f"  G={size:.0e} {task:8s} {result[task]['seconds']:8.3f} s  "
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeat", type=int, default=3, help="runs per task; the best counts")
+    parser.add_argument("--full-ranking", action="store_true",
+                        help="also time evaluate with full-ranking 'map'")
     parser.add_argument("--naive-max", type=float, default=1e5,
                         help="above this size 21 evaluations are extrapolated from one")
     parser.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -203,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         results["sizes"].append(result)
         s = result["summary"]
         print(f"  evaluate {s['evaluate_gflops']:.1f} GFLOP/s vs matmul {s['matmul_gflops']:.1f} "
-              f"GFLOP/s ({100 * s['evaluate_vs_matmul']:.0f}% of matmul speed); "
-              f"peak {s['evaluate_peak_over_gallery']:.2f}x the gallery's bytes")
+              f"GFLOP/s ({100 * s['evaluate_vs_matmul']:.0f}% of matmul speed); peak memory "
+              f"+{result['evaluate']['peak_extra_mb']:.0f} MB beyond its data = "
+              f"{s['evaluate_peak_over_gallery']:.2f}x the gallery's bytes")
         print(f"  {args.points}-point curve {result['curve']['seconds']:.2f} s = "
               f"{s['curve_over_evaluate']:.2f}x one evaluate; {args.points} evaluations "
               f"{s['naive_seconds']:.2f} s{' (extrapolated)' if s['naive_extrapolated'] else ''}"

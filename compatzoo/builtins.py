@@ -3,7 +3,8 @@ exactly as a third-party plugin registers its own."""
 
 from compatzoo.data import ALLOCATIONS, DATASETS
 from compatzoo.encoders import ENCODERS
-from compatzoo.gallery import IdentityParams, IdentityUpgrader, RandomParams, RandomScheduler
+from compatzoo.gallery import (IdentityParams, IdentityUpgrader, OracleDistanceParams,
+                               OracleDistanceScheduler, RandomParams, RandomScheduler)
 from compatzoo.heads import HEADS
 from compatzoo.hookspecs import hookimpl
 from compatzoo.losses import ClassificationLoss, ClassificationParams
@@ -18,3 +19,4 @@ def register_components(register):
     register("loss", "classification", ClassificationLoss, ClassificationParams)
     register("upgrader", "identity", IdentityUpgrader, IdentityParams)
     register("scheduler", "random", RandomScheduler, RandomParams)
+    register("scheduler", "oracle-distance", OracleDistanceScheduler, OracleDistanceParams)

@@ -20,11 +20,13 @@ import torch
 import compatzoo
 from compatzoo.data.augment import AugmentParams, BatchAugment
 from compatzoo.engine import TrainedModel, extract_features, resolve_device, save_state, train_model
-from compatzoo.interfaces import GalleryState, WeightedLoss, match_dim
+from compatzoo.costs import count_macs
+from compatzoo.interfaces import GalleryState, UpgradeContext, WeightedLoss, match_dim
 from compatzoo.registry import get_registry
 from compatzoo.report import plot_compatibility_bars, plot_curves
 from compatzoo.retrieval import backfill_curve, empirical_compatibility, evaluate, update_gain
-from compatzoo.specs import ExperimentSpec, LossTermSpec, ModelSpec, build_loss_term
+from compatzoo.specs import (ExperimentSpec, LossTermSpec, ModelSpec, UpgraderSpec,
+                             build_loss_term)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,17 @@ log = logging.getLogger(__name__)
 class Embeddings:
     query: torch.Tensor
     gallery: torch.Tensor   # the query set itself under leave-one-out
+
+
+@dataclass
+class UpgradedGallery:
+    """The stored old gallery after a GalleryUpgrader: psi(old[, side])."""
+
+    features: torch.Tensor
+    side: torch.Tensor | None
+    uncertainty: np.ndarray | None
+    cost: dict[str, float]
+    history: list[dict[str, float]]
 
 
 def build_model(spec: ModelSpec, num_classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -100,6 +113,8 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     # ---- new models ----------------------------------------------------------------
     new_models: dict[str, TrainedModel] = {}
     new_emb: dict[str, Embeddings] = {}
+    upgrades: dict[str, UpgradedGallery] = {}
+    old_train = data.train.subset(allocation.old)
     new_train = data.train.subset(allocation.new)
     for i, model_spec in enumerate(spec.new):
         tick = time.perf_counter()
@@ -116,10 +131,17 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
         timing[f"train_{model_spec.name}_s"] = time.perf_counter() - tick
         new_models[model_spec.name] = trained
         new_emb[model_spec.name] = _embed(trained, data, batch, device, progress)
+        if model_spec.upgrader is not None:
+            tick = time.perf_counter()
+            upgrades[model_spec.name] = upgrade_gallery(
+                model_spec.upgrader, old, trained, data, old_train, new_train, old_emb,
+                augment, device, seed, batch, progress,
+                out / "checkpoints" / model_spec.name / "upgrader" if save_checkpoints else None)
+            timing[f"upgrade_{model_spec.name}_s"] = time.perf_counter() - tick
 
     # ---- evaluation ----------------------------------------------------------------
     tick = time.perf_counter()
-    evaluation = evaluate_upgrade(spec, data, old_emb, new_emb, new_models, progress)
+    evaluation = evaluate_upgrade(spec, data, old_emb, new_emb, new_models, upgrades)
     timing["evaluate_s"] = time.perf_counter() - tick
     timing["total_s"] = time.perf_counter() - started
 
@@ -133,7 +155,8 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
         "allocation": {"name": spec.data.allocation.name, "old_items": int(len(allocation.old)),
                        "new_items": int(len(allocation.new))},
         "spec": spec.model_dump(mode="json"),
-        "training": {"old": old.history, **{n: m.history for n, m in new_models.items()}},
+        "training": {"old": old.history, **{n: m.history for n, m in new_models.items()},
+                     **{f"{n}/upgrader": u.history for n, u in upgrades.items()}},
         "evaluation": evaluation,
         "timing": timing,
     }
@@ -145,6 +168,49 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     return results
 
 
+def upgrade_gallery(spec: UpgraderSpec, old: TrainedModel, new: TrainedModel, data, old_train,
+                    new_train, old_emb: Embeddings, augment, device, seed: int, batch: int,
+                    progress: bool, checkpoint_dir: Path | None) -> UpgradedGallery:
+    """Fit the upgrader on training features, then map the stored old gallery."""
+    upgrader = get_registry().get("upgrader", spec.name).factory(
+        spec.params_model(), input_dim=old.encoder.embedding_dim,
+        output_dim=new.encoder.embedding_dim, side_dim=0)
+    context = UpgradeContext(
+        old_train=old_train, new_train=new_train, old_encoder=old.encoder,
+        new_encoder=new.encoder,
+        old_features=extract_features(old.encoder, new_train, batch, device, progress,
+                                      "old features (upgrader)"),
+        new_features=extract_features(new.encoder, new_train, batch, device, progress,
+                                      "new features (upgrader)"),
+        labels=torch.as_tensor(new_train.labels), new_head=new.head, augment=augment,
+        device=device, seed=seed, progress=progress)
+    history = upgrader.fit(context)
+    upgrader = upgrader.cpu().eval()
+    gallery_images = data.gallery if data.gallery is not None else data.query
+    side = upgrader.side_information(gallery_images, batch_size=batch, progress=progress)
+    features = torch.from_numpy(upgrader.upgrade(old_emb.gallery, side))
+    uncertainty = (upgrader.uncertainty(old_emb.gallery, side)
+                   if hasattr(upgrader, "uncertainty") else None)
+    if checkpoint_dir is not None:
+        save_state(checkpoint_dir, {"upgrader": upgrader},
+                   {"role": "upgrader", "upgrader": spec.model_dump(mode="json"),
+                    "input_dim": upgrader.input_dim, "output_dim": upgrader.output_dim,
+                    "side_dim": upgrader.side_dim})
+    images, _ = gallery_images.get_batch([0, 1])
+    side_example = None if side is None else side[:2]
+    side_dim = 0 if side is None else side.shape[1]
+    cost = {
+        "upgrade_macs_per_item": count_macs(upgrader, old_emb.gallery[:2], side_example),
+        "reembed_macs_per_item": count_macs(new.encoder.cpu(), images),
+        "stored_bytes_per_item": 4 * (old_emb.gallery.shape[1] + side_dim),
+        "side_bytes_per_item": 4 * side_dim,
+        "new_bytes_per_item": 4 * new.encoder.embedding_dim,
+    }
+    new.encoder.to(device)
+    return UpgradedGallery(features, side, None if uncertainty is None else np.asarray(uncertainty),
+                           cost, history)
+
+
 def _cross_query(query: torch.Tensor, gallery_dim: int) -> torch.Tensor:
     """New queries against an old gallery of another width: BCT's first-d_old rule."""
     return match_dim(query, gallery_dim)
@@ -152,8 +218,13 @@ def _cross_query(query: torch.Tensor, gallery_dim: int) -> torch.Tensor:
 
 def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,
                      new_emb: dict[str, Embeddings], new_models: dict[str, TrainedModel],
-                     progress: bool = True) -> dict[str, Any]:
-    """The compatibility table (o2o, n2o, n2n), BCT's criterion and backfill curves."""
+                     upgrades: dict[str, UpgradedGallery] | None = None) -> dict[str, Any]:
+    """The compatibility table (o2o, n2o, n2u, n2n), BCT's criterion, backfill curves.
+
+    n2u is new queries against the upgraded old gallery (BiCT's M_FCT, FCT's new/h(old, s));
+    with an upgrader, the not-yet-backfilled part of the gallery is the upgraded one.
+    """
+    upgrades = upgrades or {}
     metrics = tuple(spec.evaluation.metrics)
     primary = spec.evaluation.primary
     loo = data.gallery is None
@@ -167,6 +238,8 @@ def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,
     table: dict[str, dict[str, float]] = {"o2o": score(old_emb.query, old_emb.gallery)}
     for name, emb in new_emb.items():
         table[f"n2o/{name}"] = score(_cross_query(emb.query, d_old), old_emb.gallery)
+        if name in upgrades:
+            table[f"n2u/{name}"] = score(emb.query, upgrades[name].features)
         table[f"n2n/{name}"] = score(emb.query, emb.gallery)
 
     paragon = spec.evaluation.paragon or _default_paragon(spec)
@@ -188,25 +261,33 @@ def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,
         registry = get_registry()
         for name in backfill.models or list(new_emb):
             emb = new_emb[name]
-            if emb.query.shape[1] != d_old:
+            upgrade = upgrades.get(name)
+            before = old_emb.gallery if upgrade is None else upgrade.features
+            if emb.query.shape[1] != before.shape[1]:
                 log.warning("skipping the backfill curve of %s: its dim %d differs from the "
-                            "old gallery's %d", name, emb.query.shape[1], d_old)
+                            "stored gallery's %d (give it an upgrader)", name,
+                            emb.query.shape[1], before.shape[1])
                 continue
-            state = GalleryState(old_features=old_emb.gallery.numpy(),
-                                 new_features=emb.gallery.numpy(),
-                                 new_head=new_models[name].head)
+            state = GalleryState(
+                old_features=old_emb.gallery.numpy(), new_features=emb.gallery.numpy(),
+                new_head=new_models[name].head,
+                upgraded=None if upgrade is None else upgrade.features.numpy(),
+                side=None if upgrade is None or upgrade.side is None else upgrade.side.numpy(),
+                uncertainty=None if upgrade is None else upgrade.uncertainty)
             curves[name] = {}
             for sched_spec in backfill.schedulers:
                 scheduler = registry.get("scheduler", sched_spec.name).factory(
                     sched_spec.params_model())
                 order = scheduler.order(state, seed=spec.seed)
-                curve = backfill_curve(emb.query, old_emb.gallery, emb.gallery, q_labels,
+                curve = backfill_curve(emb.query, before, emb.gallery, q_labels,
                                        g_labels, order, points=backfill.points, metrics=metrics,
                                        query_old=old_emb.query, nfr_k=tuple(backfill.nfr_k),
-                                       leave_one_out=loo)
+                                       leave_one_out=loo, reference_gallery=old_emb.gallery)
                 curves[name][sched_spec.name] = {**curve.to_dict(),
                                                  "oracle": type(scheduler).is_oracle}
         result["backfill"] = curves
+    if upgrades:
+        result["upgrade_cost"] = {name: u.cost for name, u in upgrades.items()}
     return result
 
 
@@ -233,6 +314,11 @@ def format_table(evaluation: dict[str, Any]) -> str:
         lines.append(f"{name}: n2o > o2o on {primary} (BCT criterion): "
                      f"{'yes' if entry['compatible'] else 'no'}"
                      + (f"; update gain {gain:.3f}" if gain is not None else ""))
+    for name, cost in evaluation.get("upgrade_cost", {}).items():
+        lines.append(
+            f"{name} upgrade per gallery item: {cost['upgrade_macs_per_item'] / 1e6:.3f} MMACs vs "
+            f"{cost['reembed_macs_per_item'] / 1e6:.3f} MMACs to re-embed the image; stores "
+            f"{cost['stored_bytes_per_item']} B (side info {cost['side_bytes_per_item']} B)")
     for name, by_scheduler in evaluation.get("backfill", {}).items():
         for scheduler, curve in by_scheduler.items():
             auc = curve["auc"][primary]

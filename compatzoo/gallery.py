@@ -10,6 +10,7 @@ application of an upgrader to stored embedding files.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from compatzoo.engine.training import _optimizer, lr_factor
+from compatzoo.engine.training import make_optimizer, lr_factor
 from compatzoo.errors import (DimensionMismatchError, InvalidFeaturesError, SpecError,
                               TrainingDivergedError)
 from compatzoo.interfaces import (BackfillScheduler, GalleryState, GalleryUpgrader,
@@ -76,7 +77,7 @@ class OracleDistanceScheduler(BackfillScheduler):
         self.params = params or OracleDistanceParams()
 
     def order(self, gallery: GalleryState, seed: int = 0) -> np.ndarray:
-        check_gallery_state("oracle-distance", self, gallery)
+        check_gallery_state("oracle-distance", self, gallery, optional=frozenset({"upgraded"}))
         stored = gallery.upgraded if gallery.upgraded is not None else gallery.old_features
         new = np.asarray(gallery.new_features, dtype=np.float32)
         if stored.shape[1] != new.shape[1]:
@@ -97,9 +98,11 @@ _STATE_FIELDS = {
 }
 
 
-def check_gallery_state(name: str, scheduler: BackfillScheduler, gallery: GalleryState) -> None:
+def check_gallery_state(name: str, scheduler: BackfillScheduler, gallery: GalleryState,
+                        optional: frozenset[str] = frozenset()) -> None:
     """Fail before any work when ``gallery`` lacks what ``scheduler.requires`` names, or
-    when an array it will read is malformed or does not have one row per gallery item."""
+    when an array it will read (required, or ``optional`` and present) is malformed or
+    does not have one row per gallery item."""
     missing = [field for field in sorted(scheduler.requires) if getattr(gallery, field) is None]
     if missing:
         needs = "; ".join(_STATE_FIELDS[field] for field in missing)
@@ -107,7 +110,8 @@ def check_gallery_state(name: str, scheduler: BackfillScheduler, gallery: Galler
                         "provide it or choose another scheduler (e.g. random)")
     check_features(gallery.old_features, None, "old gallery features")
     rows = gallery.old_features.shape[0]
-    for field in sorted(scheduler.requires - {"new_head"}):
+    read = (scheduler.requires | optional) - {"new_head"}
+    for field in sorted(f for f in read if getattr(gallery, f) is not None):
         value = getattr(gallery, field)
         if field == "uncertainty":
             check_features(np.asarray(value).reshape(-1, 1), 1, f"GalleryState.{field}")
@@ -162,17 +166,17 @@ def fit_minibatches(model: nn.Module, num_items: int,
     total, warmup = steps * recipe.epochs, int(round(recipe.warmup_epochs * steps))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], recipe)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, "cosine"))
     history: list[dict[str, float]] = []
     for epoch in range(recipe.epochs):
         # The FCT reference trains the second half in eval mode: BatchNorm statistics stop
         # moving while the weights (BN's affine ones included) keep learning.
-        frozen = recipe.freeze_bn_from is not None and epoch >= recipe.freeze_bn_from * recipe.epochs
-        model.train(not frozen)
+        freeze = recipe.freeze_bn_from
+        model.train(freeze is None or epoch < freeze * recipe.epochs)
         order = torch.randperm(num_items, generator=generator)
-        lr, running = schedule.get_last_lr()[0], 0.0
+        lr, running, started = schedule.get_last_lr()[0], 0.0, time.perf_counter()
         for step in tqdm(range(steps), desc=f"{desc} {epoch + 1}/{recipe.epochs}",
                          disable=not progress, leave=False):
             loss = batch_loss(order[step * batch:(step + 1) * batch], generator)
@@ -185,7 +189,8 @@ def fit_minibatches(model: nn.Module, num_items: int,
             optimizer.step()
             schedule.step()
             running += loss.item()
-        history.append({"epoch": epoch + 1, "loss": running / steps, "lr": lr})
+        history.append({"epoch": epoch + 1, "steps": steps, "loss": running / steps, "lr": lr,
+                        "seconds": time.perf_counter() - started})
     model.eval()
     return history
 
@@ -234,13 +239,15 @@ class _Shard:
     def check(self, dim: int | None, chunk_size: int, what: str) -> None:
         """Shape and finiteness, chunk by chunk so a memory-mapped shard is never loaded whole."""
         if len(self.shape) != 2:
-            raise InvalidFeaturesError(f"{what} {self.path} must be 2-D (N, d); got shape {self.shape}")
+            raise InvalidFeaturesError(f"{what} {self.path} must be 2-D (N, d); got shape "
+                                       f"{self.shape}")
         if dim is not None and self.shape[1] != dim:
             raise DimensionMismatchError(f"{what} {self.path} has dimension {self.shape[1]} but "
                                          f"the upgrader expects {dim}")
         for start in range(0, self.shape[0], chunk_size):
             stop = min(self.shape[0], start + chunk_size)
-            check_features(self.read(start, stop), dim, f"{what} {self.path} (rows {start}-{stop - 1})")
+            check_features(self.read(start, stop), dim,
+                           f"{what} {self.path} (rows {start}-{stop - 1})")
 
 
 def upgrade_shards(upgrader: GalleryUpgrader, input_paths: Sequence[str | Path],
@@ -256,8 +263,11 @@ def upgrade_shards(upgrader: GalleryUpgrader, input_paths: Sequence[str | Path],
     interrupted run never leaves a partial shard under an output name; outputs that
     already exist with the right shape are skipped, which makes the job resumable.
     """
+    if chunk_size < 1:
+        raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
     inputs = [Path(p) for p in input_paths]
-    sides: list[Path | None] = [Path(p) for p in side_paths] if side_paths is not None else [None] * len(inputs)
+    sides: list[Path | None] = ([Path(p) for p in side_paths] if side_paths is not None
+                                else [None] * len(inputs))
     if len(sides) != len(inputs):
         raise SpecError(f"{len(inputs)} embedding shards but {len(sides)} side-information shards")
     if len({p.name for p in inputs}) != len(inputs):

@@ -125,6 +125,9 @@ class NewModelSpec(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     losses: list[LossTermSpec] = Field(
         default_factory=lambda: [LossTermSpec(name="classification")], min_length=1)
+    upgrader: UpgraderSpec | None = Field(
+        None, description="learned map of the stored old gallery into this model's space "
+        "(BiCT psi, FCT h); evaluated as n2u and used for the not-yet-backfilled items")
     old_feature_cache: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: use cached (un-augmented) old features when augmentation is "
         "off or a loss needs the cache anyway; always: also as a stand-in for augmented views")

@@ -66,11 +66,13 @@ def reference_evaluate(query, query_labels, gallery, gallery_labels, metrics,
     return {m: float(np.mean(v)) for m, v in values.items()}
 
 
-def reference_correct(query, query_labels, gallery, gallery_labels, k: int) -> np.ndarray:
+def reference_correct(query, query_labels, gallery, gallery_labels, k: int,
+                      leave_one_out: bool = False) -> np.ndarray:
     """Per query: a same-label item within the top k."""
     gallery_labels = np.asarray(gallery_labels)
+    rankings = reference_rankings(query, gallery, leave_one_out)
     return np.array([(gallery_labels[order[:k]] == label).any()
-                     for label, order in zip(query_labels, reference_rankings(query, gallery))])
+                     for label, order in zip(query_labels, rankings)])
 
 
 def clustered(rng: np.random.Generator, n_query: int, n_gallery: int, n_classes: int,

@@ -31,8 +31,9 @@ def mixed_gallery(g_old, g_new, order, fraction):
     return mixed
 
 
-@pytest.mark.parametrize("counting", [False, True])
-@pytest.mark.parametrize("chunk_size", [None, 7, 64])
+@pytest.mark.parametrize("counting, chunk_size", [
+    (False, None), (False, 7), (False, 64), (True, None), (True, 23),
+])
 def test_curve_equals_naive_per_point_evaluation(monkeypatch, counting, chunk_size):
     if counting:
         monkeypatch.setattr(ranking, "MAX_TOPK_DEPTH", 0)
@@ -69,6 +70,27 @@ def test_curve_equals_naive_evaluation_with_ties(monkeypatch, counting):
             expected = evaluate(q_new, ql, mixed_gallery(g_old, g_new, order, fraction), gl,
                                 METRICS)
             assert {m: curve.metrics[m][point] for m in METRICS} == expected
+
+
+@pytest.mark.parametrize("counting, backend", [(False, "torch"), (False, "faiss"),
+                                               (True, "torch")])
+def test_leave_one_out_curve_equals_naive_evaluation(monkeypatch, counting, backend):
+    # FCT protocol: the gallery items are the queries; each leaves itself out, which
+    # under a permuted backfill order must still be found by identity.
+    if counting:
+        monkeypatch.setattr(ranking, "MAX_TOPK_DEPTH", 0)
+    _, _, _, g_old, g_new, gl, order = upgrade_data(4, n_query=1, n_gallery=120)
+    curve = backfill_curve(g_new, g_old, g_new, gl, gl, order, points=5, metrics=METRICS,
+                           query_old=g_old, leave_one_out=True, backend=backend,
+                           chunk_size=17)
+    right_before = reference_correct(g_old, gl, g_old, gl, 1, leave_one_out=True)
+    for point, fraction in enumerate(curve.fractions):
+        mixed = mixed_gallery(g_old, g_new, order, fraction)
+        expected = evaluate(g_new, gl, mixed, gl, METRICS, leave_one_out=True)
+        assert {m: curve.metrics[m][point] for m in METRICS} == expected
+        now = reference_correct(g_new, gl, mixed, gl, 1, leave_one_out=True)
+        assert curve.nfr[1][point] == pytest.approx((right_before & ~now).sum()
+                                                    / right_before.sum())
 
 
 def test_curve_with_more_points_than_items_and_identity_order():
@@ -122,4 +144,5 @@ def test_to_dict_is_json_and_plot_writes_png(tmp_path):
     path = curve.plot(tmp_path / "curve.png", reference={"o2o": 0.3, "n2n": 0.6})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     no_nfr = BackfillCurve([0.0, 1.0], {"cmc@1": [0.1, 0.2]}, auc={"cmc@1": 0.15})
+    assert "nfr" not in no_nfr.to_dict()
     assert no_nfr.plot(tmp_path / "plain.png").stat().st_size > 0

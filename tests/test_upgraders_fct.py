@@ -4,6 +4,7 @@ chain, linear CKA and registration."""
 
 from __future__ import annotations
 
+import math
 from typing import get_args
 
 import numpy as np
@@ -18,10 +19,20 @@ from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, Plugi
 from compatzoo.interfaces import UpgradeContext
 from compatzoo.registry import get_registry
 from compatzoo_fct import (SIDE_INFORMATION, FCTParams, FCTSideTransformation,
-                           FCTTransformation, linear_cka)
-from compatzoo_fct.side_info import SideInfoName
+                           FCTTransformation, SideModelParams, linear_cka, nt_xent)
+from compatzoo_fct.side_info import AltOldMixupSide, SideInfoName
 
 TINY_SIDE = {"epochs": 1, "batch_size": 8, "encoder_params": {"widths": [4, 8]}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine
+    their synchronisation slows training by an order of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_images(n: int = 24, seed: int = 0) -> TensorImages:
@@ -44,7 +55,8 @@ def image_context(images: TensorImages, d_old: int = 6, d_new: int = 10) -> Upgr
                    torch.randn(len(images), d_new, generator=g), images)
 
 
-def fct(side_info: SideInfoName = "none", d_old: int = 8, d_new: int = 12, **params) -> FCTTransformation:
+def fct(side_info: SideInfoName = "none", d_old: int = 8, d_new: int = 12,
+        **params) -> FCTTransformation:
     params = {"side_info": side_info, "side_info_dim": 6, "inner_dim": 32,
               "side_model": TINY_SIDE, **params}
     return compatzoo.create_upgrader("fct-transformation", d_old, d_new, **params)
@@ -74,7 +86,8 @@ def test_branches_and_mixer_have_the_reference_widths():
 def test_reference_recipe_defaults():
     p = FCTParams()
     assert (p.side_info, p.side_info_dim, p.inner_dim) == ("simclr", 128, 2048)
-    assert (p.optimizer, p.lr, p.weight_decay, p.epochs, p.batch_size) == ("adam", 5e-4, 2**-15, 80, 1024)
+    assert (p.optimizer, p.lr, p.weight_decay) == ("adam", 5e-4, 2**-15)
+    assert (p.epochs, p.batch_size) == (80, 1024)
     assert (p.warmup_epochs, p.freeze_bn_from) == (5.0, 0.5)
 
 
@@ -87,7 +100,7 @@ def test_fit_reduces_the_mse_on_a_linear_problem():
     logs = h.fit(context(old, new))
     assert len(logs) == 10 and logs[-1]["loss"] < logs[0]["loss"]
     assert mse(h, old, new) < 0.25 * before
-    assert not h.training                                         # fitted upgraders are in eval mode
+    assert not h.training                                  # fitted upgraders are in eval mode
 
 
 def test_batchnorm_statistics_freeze_for_the_second_half():
@@ -129,6 +142,24 @@ def test_every_side_model_trains_one_tiny_epoch(kind):
         assert h.side_dim == 0 and side is None
         out = h.upgrade(np.random.rand(5, 6).astype(np.float32))
     assert out.shape == (5, 10)
+
+
+def test_nt_xent_hand_values():
+    t = 0.5
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert float(nt_xent(e1, e1, t)) == pytest.approx(0.0)             # one image: no negatives
+    # two orthogonal images: each view sees its positive at cos 1, two negatives at cos 0
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2))
+    assert float(nt_xent(torch.cat([e1, e2]), torch.cat([e1, e2]), t)) == pytest.approx(expected)
+
+
+def test_mixup_keeps_each_image_dominant():
+    side = AltOldMixupSide(SideModelParams(encoder_params={"widths": [4]}), 6, 8)
+    x = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 4, 4)          # image i is constant i
+    mixed = side.view(x, None, torch.Generator().manual_seed(3))[:, 0, 0, 0]
+    assert not torch.equal(mixed, x[:, 0, 0, 0])
+    nearest = (mixed[:, None] - torch.arange(6.0)[None]).abs().argmin(dim=1)
+    assert nearest.tolist() == list(range(6))                          # weight >= 0.5 on itself
 
 
 def test_none_feeds_zeros_and_old_embedding_feeds_the_old_features():
@@ -183,7 +214,8 @@ def test_side_transformation_chains_v1_to_v3():
     assert isinstance(g2, FCTSideTransformation) and g2.output_dim == 6 and g2.side_dim == 6
     g2.adopt_side_model(h2.side_model)
     logs = g2.fit(ctx12)
-    assert any("next_side/loss" in log for log in logs) and not any("side/loss" in log for log in logs)
+    assert any("next_side/loss" in log for log in logs)
+    assert not any("side/loss" in log for log in logs)                  # psi_1 was adopted
     assert g2.side_model is h2.side_model and bool(g2.next_side_model.fitted)
 
     ctx23 = image_context(images, d_old=10, d_new=4)
@@ -224,7 +256,8 @@ def test_linear_cka_hand_checks():
     assert 0.0 < linear_cka(x, y) < 0.5
     assert linear_cka(x.numpy(), np.zeros((50, 3))) == 0.0             # zero side info
     # hand value: x = [1, 0, -1], y = [1, -1, 0] -> <x,y>^2 / (|x|^2 |y|^2) = 1 / 4
-    assert linear_cka(np.array([[1.0], [0.0], [-1.0]]), np.array([[1.0], [-1.0], [0.0]])) == pytest.approx(0.25)
+    hand = linear_cka(np.array([[1.0], [0.0], [-1.0]]), np.array([[1.0], [-1.0], [0.0]]))
+    assert hand == pytest.approx(0.25)
     with pytest.raises(InvalidFeaturesError, match="same N"):
         linear_cka(x, y[:10])
 

@@ -44,7 +44,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _optimizer(params, cfg: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainSpec) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -155,7 +155,7 @@ def train_model(
 
     params = [p for p in [*encoder.parameters(), *head.parameters(), *loss.parameters()]
               if p.requires_grad]
-    optimizer = _optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg)
     steps_per_epoch = len(dataset) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))

@@ -1,9 +1,10 @@
 """Backfill curves: accuracy and negative flips while the gallery is re-embedded.
 
-All points of a curve come from one scan of the gallery: every gallery chunk is scored
-once against the old and once against the new embeddings and each point combines the
-chunk results it needs (see :class:`compatzoo.retrieval.search.Plan`), so a 21-point
-curve costs about two evaluations, not 21.
+All points of a curve come from one pass over each version of the gallery: every item
+is scored once with its old and once with its new embedding, and each point combines the
+prefix of new rows and the suffix of old rows that meet at its cut (see
+:class:`compatzoo.retrieval.search.Plan`), so a 21-point curve costs about two
+evaluations, not 21. Full-ranking metrics count ranks in two such passes.
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ class BackfillCurve:
     auc: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        """JSON-ready: NaN becomes null, NFR keys become strings; no "nfr" without it."""
+        data = {
             "fractions": list(self.fractions),
             "metrics": {n: [json_safe(v) for v in vs] for n, vs in self.metrics.items()},
-            "nfr": {str(k): [json_safe(v) for v in vs] for k, vs in self.nfr.items()},
             "auc": {n: json_safe(v) for n, v in self.auc.items()},
         }
+        if self.nfr:
+            data["nfr"] = {str(k): [json_safe(v) for v in vs] for k, vs in self.nfr.items()}
+        return data
 
     def plot(self, path: str | Path, reference: dict[str, float] | None = None) -> Path:
         """Draw metrics (and NFR) against the backfilled fraction into a PNG at ``path``.
@@ -104,18 +108,21 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
                    query_labels: ArrayLike, gallery_labels: ArrayLike, order: ArrayLike,
                    points: int = 21, metrics: Sequence[str] = ("map@100", "cmc@1"),
                    query_old: ArrayLike | None = None, nfr_k: Sequence[int] = (1,),
-                   backend: str = "auto", chunk_size: int | None = None) -> BackfillCurve:
+                   backend: str = "auto", leave_one_out: bool = False,
+                   chunk_size: int | None = None) -> BackfillCurve:
     """Metrics of new queries against a gallery being backfilled in ``order``.
 
     At fraction f (``points`` evenly spaced in [0, 1]) the first round(f * G) gallery
     items of ``order`` (Python rounding, half to even) use ``gallery_new``, the others
     ``gallery_old``. With ``query_old``, NFR@k per point is the share of queries right in
     the top k before the upgrade (query_old vs gallery_old) that are wrong at that point.
+    ``leave_one_out``: the queries are the gallery items themselves (FCT protocol); each
+    is left out of its own ranking, old and new reference alike.
     """
     parsed = parse_metrics(metrics)
     ks = _check_curve_args(points, nfr_k)
     q, ql, old, gl = validate_retrieval(query_new, query_labels, gallery_old, gallery_labels,
-                                        names=("query_new", "gallery_old"))
+                                        leave_one_out, names=("query_new", "gallery_old"))
     new = as_features(gallery_new, "gallery_new")
     check_same_shape(old, new)
     permutation = torch.from_numpy(check_order(order, old.n))
@@ -132,14 +139,14 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     fractions = np.linspace(0.0, 1.0, points).tolist()
     cuts = tuple(round(f * old.n) for f in fractions)
     plan = Plan(old, new, permutation, cuts)
-    tables = rank_tables(q, ql, plan, gl, parsed, False, backend, chunk_size,
+    tables = rank_tables(q, ql, plan, gl, parsed, leave_one_out, backend, chunk_size,
                          extra_k=ks if reference is not None else ())
     per_point = [summarise(parsed, table) for table in tables]
     values = {m.name: [point[m.name] for point in per_point] for m in parsed}
     curve = BackfillCurve(fractions, values, auc={n: float(np.mean(v)) for n, v in values.items()})
     if reference is not None:
-        before = rank_tables(reference, ql, Plan(old), gl, [], False, backend, chunk_size,
-                             extra_k=ks)[0]
+        before = rank_tables(reference, ql, Plan(old), gl, [], leave_one_out, backend,
+                             chunk_size, extra_k=ks)[0]
         for k in ks:
             right = _correct_at(before, k)
             curve.nfr[k] = [float((right & ~_correct_at(t, k)).sum() / right.sum())

@@ -3,8 +3,9 @@
 Every metric here is a function of where the positives of a query land in its ranking, so
 the search only has to produce those ranks (0-based, ascending), known up to the depth
 the requested metrics need. A query without any positive in the gallery has no right
-answer: it gets NaN and is left out of every mean (as pytorch-metric-learning and the
-revisitop code do); callers are told how many were left out.
+answer: it gets NaN and is left out of every mean, top-k accuracy included (revisitop
+does the same for mAP); counting it would score the gallery's coverage, not the model.
+How many were left out is logged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ _AT_K = re.compile(r"^(map|cmc|precision)@([0-9]+)$")
 
 @dataclass(frozen=True)
 class Metric:
-    """A parsed metric name: ``kind`` is map@k, map, map@r, r_precision, cmc or precision."""
+    """A parsed metric: ``name`` as the caller wrote it (results are keyed by it),
+    ``kind`` one of map@k, map, map@r, r_precision, cmc, precision, and ``k``."""
 
     name: str
     kind: str
@@ -48,6 +50,7 @@ class Metric:
 
         ``ranks``: (Q, m) ascending 0-based ranks of each query's positives, UNRANKED for
         positives beyond the searched depth; ``n_pos``: (Q,) positives per query.
+        precision@k divides by k even where fewer than k items can be retrieved.
         """
         known = ranks != UNRANKED
         ranks = ranks.to(torch.float64)
@@ -70,14 +73,15 @@ class Metric:
 
 
 def parse_metric(name: str) -> Metric:
-    """Parse a metric name (case-insensitive) so callers can validate names early."""
+    """Parse a metric name (case-insensitive, e.g. "mAP@100") so callers can validate
+    names early."""
     canonical = str(name).strip().lower()
     if canonical in ("map", "map@r", "r_precision"):
-        return Metric(canonical, canonical)
+        return Metric(str(name), canonical)
     match = _AT_K.match(canonical)
     if match and int(match.group(2)) > 0:
-        kind = "map@k" if match.group(1) == "map" else match.group(1)
-        return Metric(canonical, kind, int(match.group(2)))
+        prefix, k = match.group(1), int(match.group(2))
+        return Metric(str(name), "map@k" if prefix == "map" else prefix, k)
     raise InvalidArgumentError(
         f"unknown metric {name!r}; known metrics: {', '.join(KNOWN_METRICS)} "
         "(<k> a positive integer, e.g. 'map@100', 'cmc@1')"

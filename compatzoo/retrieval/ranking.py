@@ -55,87 +55,102 @@ def _sort_rows(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=1).values
 
 
-def _count_at_most(sorted_rows: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
-                   strict: bool) -> torch.Tensor:
-    """Per (row, value): entries of that sorted row < value (strict) or <= value."""
-    width = sorted_rows.shape[1]
-    flat, base = sorted_rows.reshape(-1), rows * width
-    lo, hi = torch.zeros_like(rows), torch.full_like(rows, width)
-    for _ in range(width.bit_length()):
-        mid = (lo + hi) // 2
-        probe = flat[base + mid.clamp(max=width - 1)]
-        right = (probe < values if strict else probe <= values) & (lo < hi)
-        lo = torch.where(right, mid + 1, lo)
-        hi = torch.where(right | (lo >= hi), hi, mid)
-    return lo
+def _row_slots(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Each entry's place among the entries of its row (in input order), and the most
+    entries any row has: the layout of a row-padded table of ragged entries."""
+    order = torch.argsort(rows, stable=True)
+    per_row = torch.bincount(rows, minlength=n_rows)
+    first = torch.cumsum(per_row, 0) - per_row
+    slots = torch.empty_like(rows)
+    slots[order] = torch.arange(len(rows), device=rows.device) - first[rows[order]]
+    return slots, int(per_row.max()) if len(rows) else 0
+
+
+@dataclass(frozen=True)
+class _Probes:
+    """The (query row, gallery item) pairs whose ranks are counted, and their scores."""
+
+    rows: torch.Tensor      # query row in the block
+    cols: torch.Tensor      # column in its chunk
+    gidx: torch.Tensor      # gallery index
+    position: torch.Tensor  # position in the plan's order
+    number: torch.Tensor    # chunk number
+    values: torch.Tensor    # (2, n): score per version, NaN where no state needs it
+    slot: torch.Tensor      # place in its query's row of a padded table
+    n_slots: int
+
+
+def _collect(plan: Plan, query: torch.Tensor, is_probe: ProbeMask, chunk_rows: int,
+             self_position: torch.Tensor | None) -> _Probes:
+    """Pass 1: find the probe pairs chunk by chunk and keep their own scores."""
+    found = []
+    for chunk in plan.chunks(chunk_rows, query.device):
+        rows, cols = torch.nonzero(is_probe(chunk.index), as_tuple=True)
+        values = torch.full((2, len(rows)), torch.nan, device=query.device)
+        for version in chunk.rows:
+            values[version] = chunk_scores(query, chunk, version, self_position)[rows, cols]
+        found.append((rows, cols, chunk.index[cols], chunk.start + cols,
+                      torch.full_like(rows, chunk.number), values))
+    rows, cols, gidx, position, number, values = (torch.cat(x, dim=-1) for x in zip(*found))
+    return _Probes(rows, cols, gidx, position, number, values, *_row_slots(rows, len(query)))
 
 
 def _beaten_by(scores: torch.Tensor, sorted_rows: torch.Tensor, index: torch.Tensor,
-               rows: torch.Tensor, values: torch.Tensor, gidx: torch.Tensor,
-               own: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Items of this chunk ranked above each positive (row, value, gallery index)."""
-    width = scores.shape[1]
-    above = width - _count_at_most(sorted_rows, rows, values, strict=False)
-    at_least = width - _count_at_most(sorted_rows, rows, values, strict=True)
-    own = torch.nonzero(own).flatten()  # the positive itself is never above itself
-    own_score = scores[rows[own], cols[own]]
+               probes: _Probes, values: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Items of this chunk ranked above each probe scoring ``values``."""
+    width, rows, slot = scores.shape[1], probes.rows, probes.slot
+    table = torch.full((len(scores), probes.n_slots), torch.inf, device=scores.device)
+    table[rows, slot] = values  # one row of values per query, searched in its sorted row
+    above = width - torch.searchsorted(sorted_rows, table, right=True)[rows, slot]
+    at_least = width - torch.searchsorted(sorted_rows, table)[rows, slot]
+    own = torch.nonzero(own).flatten()  # the probe itself is never above itself
+    own_score = scores[rows[own], probes.cols[own]]
     above[own] -= (own_score > values[own]).long()
     at_least[own] -= (own_score >= values[own]).long()
     tied = torch.nonzero(at_least > above).flatten()  # other items with the very same score
     for group in tied.split(_TIE_GROUP):
         same = scores[rows[group]] == values[group, None]
-        above[group] += (same & (index[None, :] < gidx[group, None])).sum(1)
+        above[group] += (same & (index[None, :] < probes.gidx[group, None])).sum(1)
     return above
 
 
 def count_ranks(plan: Plan, query: torch.Tensor, is_probe: ProbeMask, chunk_rows: int,
-                self_index: torch.Tensor | None = None,
+                self_position: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ranks of every probe pair (query row, gallery index) in every state of ``plan``.
 
     Returns the pairs' query rows, gallery indices and ranks (states x pairs).
+    ``self_position``: leave-one-out, see :func:`compatzoo.retrieval.search.chunk_scores`.
     """
-    device = query.device
-    found = []
-    for chunk in plan.chunks(chunk_rows, device):  # pass 1: the probes' own scores
-        rows, cols = torch.nonzero(is_probe(chunk.index), as_tuple=True)
-        values = torch.full((2, len(rows)), torch.nan, device=device)
+    probes = _collect(plan, query, is_probe, chunk_rows, self_position)
+    cuts = torch.tensor(plan.cuts, device=query.device)
+    sees_new = probes.position[None, :] < cuts[:, None]  # per state: the probe's version
+    scored = [v for v in (OLD, NEW) if not probes.values[v].isnan().all()]
+    ranks = torch.zeros((len(plan.cuts), len(probes.rows)), dtype=torch.int64,
+                        device=query.device)
+    for chunk in plan.chunks(chunk_rows, query.device):  # pass 2: who beats them
+        in_chunk = probes.number == chunk.number
         for version in chunk.rows:
-            values[version] = chunk_scores(query, chunk, version, self_index)[rows, cols]
-        found.append((rows, cols, chunk.index[cols], chunk.start + cols,
-                      torch.full_like(rows, chunk.number), values))
-    rows, cols, gidx, position, number, values = (torch.cat(x, dim=-1) for x in zip(*found))
-    cuts = torch.tensor(plan.cuts, device=device)
-    sees_new = position[None, :] < cuts[:, None]  # per state: which score each probe has
-
-    ranks = torch.zeros((len(plan.cuts), len(rows)), dtype=torch.int64, device=device)
-    for chunk in plan.chunks(chunk_rows, device):  # pass 2: who beats them
-        in_chunk = number == chunk.number
-        for version in chunk.rows:
-            scores = chunk_scores(query, chunk, version, self_index)
+            scores = chunk_scores(query, chunk, version, self_position)
             sorted_rows = _sort_rows(scores)
-            counts = torch.zeros((2, len(rows)), dtype=torch.int64, device=device)
-            for probe_version in (OLD, NEW):
-                at = torch.nonzero(~torch.isnan(values[probe_version])).flatten()
-                own = in_chunk[at] & (probe_version == version)
-                counts[probe_version, at] = _beaten_by(
-                    scores, sorted_rows, chunk.index, rows[at], values[probe_version, at],
-                    gidx[at], own, cols[at])
+            counts = torch.zeros((2, len(probes.rows)), dtype=torch.int64, device=query.device)
+            for probe_version in scored:  # counts of NaN scores are never read by a state
+                own = in_chunk & (probe_version == version)
+                counts[probe_version] = _beaten_by(scores, sorted_rows, chunk.index, probes,
+                                                   probes.values[probe_version], own)
             states = plan.states_seeing(chunk.start, chunk.start + chunk.width, version)
             ranks[states] += torch.where(sees_new[states], counts[NEW], counts[OLD])
-    return rows, gidx, ranks
+    return probes.rows, probes.gidx, ranks
 
 
 # --- assembling rank tables ----------------------------------------------------------------
 
 def _pairs_to_table(rows: torch.Tensor, ranks: torch.Tensor, n_queries: int) -> torch.Tensor:
     by_rank = torch.argsort(ranks)
-    by_row = by_rank[torch.argsort(rows[by_rank], stable=True)]
-    rows, ranks = rows[by_row], ranks[by_row]
-    per_row = torch.bincount(rows, minlength=n_queries)
-    first = torch.cumsum(per_row, 0) - per_row
-    table = torch.full((n_queries, int(per_row.max())), UNRANKED, dtype=torch.int64)
-    table[rows, torch.arange(len(rows)) - first[rows]] = ranks
+    rows, ranks = rows[by_rank], ranks[by_rank]
+    slot, width = _row_slots(rows, n_queries)
+    table = torch.full((n_queries, width), UNRANKED, dtype=torch.int64)
+    table[rows, slot] = ranks
     return table
 
 
@@ -147,17 +162,22 @@ def _hits_to_table(hits: torch.Tensor) -> torch.Tensor:
 
 
 def _stack(tables: list[torch.Tensor]) -> torch.Tensor:
-    width = max(t.shape[1] for t in tables)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=UNRANKED)
-                      for t in tables])
+    """Rank tables of consecutive query blocks as one table, padded with UNRANKED."""
+    stacked = torch.full((sum(len(t) for t in tables), max(t.shape[1] for t in tables)),
+                         UNRANKED, dtype=torch.int64)
+    start = 0
+    for table in tables:
+        stacked[start:start + len(table), :table.shape[1]] = table
+        start += len(table)
+    return stacked
 
 
 def _same_label(labels: torch.Tensor, query_labels: torch.Tensor,
-                self_index: torch.Tensor | None) -> ProbeMask:
-    """Probe mask of the positives: same label, and not the query itself."""
+                itself: torch.Tensor | None) -> ProbeMask:
+    """Probe mask of the positives: same label, and not the query itself (by index)."""
     def is_probe(index: torch.Tensor) -> torch.Tensor:
         same = labels[index][None, :] == query_labels[:, None]
-        return same if self_index is None else same & (index != self_index[:, None])
+        return same if itself is None else same & (index != itself[:, None])
     return is_probe
 
 
@@ -179,14 +199,15 @@ def positive_ranks(query: Features, query_labels: np.ndarray, plan: Plan,
     for block in query_blocks(query.n):
         q = normalised(query, block, device)
         q_labels = torch.from_numpy(query_labels[block]).to(device)
-        self_index = torch.arange(block.start, block.stop, device=device) if leave_one_out else None
+        itself = torch.arange(block.start, block.stop, device=device) if leave_one_out else None
+        position = None if itself is None else plan.positions(itself)
         rows = chunk_size or auto_chunk_rows(len(q), query.dim)
         if full:
-            is_probe = _same_label(labels, q_labels, self_index)
-            pair_rows, _, ranks = count_ranks(plan, q, is_probe, rows, self_index)
+            is_probe = _same_label(labels, q_labels, itself)
+            pair_rows, _, ranks = count_ranks(plan, q, is_probe, rows, position)
             block_tables = [_pairs_to_table(pair_rows.cpu(), r, len(q)) for r in ranks.cpu()]
         else:
-            keys = torch.stack(topk_states(plan, q, depth, engine, rows, self_index))
+            keys = torch.stack(topk_states(plan, q, depth, engine, rows, position))
             hits = (labels[decode_index(keys)] == q_labels[:, None]).cpu()
             block_tables = list(_hits_to_table(hits))
         for state, table in zip(tables, block_tables):

@@ -68,12 +68,12 @@ def merge_topk(a: torch.Tensor | None, b: torch.Tensor | None, k: int) -> torch.
 def normalised(features: Features, rows: slice | torch.Tensor,
                device: torch.device) -> torch.Tensor:
     """float32 unit rows of ``features`` (a chunk at a time: no full normalised copy)."""
-    if isinstance(rows, torch.Tensor):
+    if isinstance(rows, torch.Tensor):  # a gathered copy: normalise it in place
         rows = rows.to(features.data.device)
-        data, norms = features.data.index_select(0, rows), features.norms.index_select(0, rows)
-    else:
-        data, norms = features.data[rows], features.norms[rows]
-    return data.to(device=device, dtype=torch.float32) / norms.to(device)[:, None]
+        data = features.data.index_select(0, rows).to(device=device, dtype=torch.float32)
+        return data.div_(features.norms.index_select(0, rows).to(device)[:, None])
+    data = features.data[rows].to(device=device, dtype=torch.float32)
+    return data / features.norms[rows].to(device)[:, None]
 
 
 def similarity(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -115,10 +115,26 @@ class Plan:
         return self.old.n
 
     def bounds(self, chunk_rows: int) -> list[tuple[int, int]]:
-        """Chunks of at most ``chunk_rows`` positions, cut at every state's cut."""
+        """Chunks of at most ``chunk_rows`` positions and about equal width, cut at every
+        state's cut."""
         edges = sorted(set(self.cuts) | {0, self.size})
-        return [(s, min(s + chunk_rows, end))
-                for start, end in zip(edges[:-1], edges[1:]) for s in range(start, end, chunk_rows)]
+        bounds = []
+        for start, end in zip(edges[:-1], edges[1:]):
+            width = -(-(end - start) // -(-(end - start) // chunk_rows))
+            bounds += [(s, min(s + width, end)) for s in range(start, end, width)]
+        return bounds
+
+    @cached_property
+    def _inverse_order(self) -> torch.Tensor:
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(len(self.order))
+        return inverse
+
+    def positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Where gallery items (by index) sit in the plan's order."""
+        if self.order is None:
+            return index
+        return self._inverse_order.to(index.device)[index]
 
     def states_seeing(self, start: int, end: int, version: int) -> list[int]:
         """States that see positions [start, end) in ``version``."""
@@ -144,14 +160,18 @@ class Plan:
 
 
 def chunk_scores(query: torch.Tensor, chunk: Chunk, version: int,
-                 self_index: torch.Tensor | None, rows: torch.Tensor | slice = slice(None),
+                 self_position: torch.Tensor | None, rows: torch.Tensor | slice = slice(None),
                  ) -> torch.Tensor:
-    """Scores of (some) queries against a chunk; leave-one-out gives the query itself
-    (matched by gallery index, never by score) -inf."""
+    """Scores of (some) queries against a chunk. Leave-one-out gives each query's own
+    gallery item -inf; ``self_position`` is where that item sits in the plan's order
+    (the query is matched by identity, never by score)."""
     scores = similarity(query[rows], chunk.rows[version])
-    if self_index is None:
+    if self_position is None:
         return scores
-    return scores.masked_fill(chunk.index[None, :] == self_index[rows, None], -torch.inf)
+    column = self_position[rows] - chunk.start
+    inside = torch.nonzero((column >= 0) & (column < chunk.width)).flatten()
+    scores[inside, column[inside]] = -torch.inf
+    return scores
 
 
 @dataclass
@@ -161,11 +181,11 @@ class ChunkView:
     query: torch.Tensor
     chunk: Chunk
     version: int
-    self_index: torch.Tensor | None
+    self_position: torch.Tensor | None
 
     @cached_property
     def scores(self) -> torch.Tensor:
-        return chunk_scores(self.query, self.chunk, self.version, self.self_index)
+        return chunk_scores(self.query, self.chunk, self.version, self.self_position)
 
 
 # --- backends --------------------------------------------------------------------------
@@ -196,7 +216,7 @@ class FaissBackend:
         self.resources = faiss.StandardGpuResources() if gpu else None
 
     def candidates(self, view: ChunkView, n: int, rows=slice(None)):
-        excluded = view.self_index is not None
+        excluded = view.self_position is not None
         found = min(n + excluded, view.chunk.width)
         metric = self.faiss.METRIC_INNER_PRODUCT
         q, g = view.query[rows].numpy(), view.chunk.rows[view.version].numpy()
@@ -206,13 +226,13 @@ class FaissBackend:
             values, local = self.faiss.knn(q, g, found, metric=metric)
         values, local = torch.from_numpy(values), torch.from_numpy(local).to(torch.int64)
         if excluded:  # drop the query itself, which faiss cannot be told to skip
-            itself = view.chunk.index[local] == view.self_index[rows, None]
+            itself = view.chunk.start + local == view.self_position[rows, None]
             values, at = torch.sort(values.masked_fill(itself, -torch.inf), dim=1, descending=True)
             local = local.gather(1, at)
         return values[:, :n], local[:, :n]
 
     def row_scores(self, view: ChunkView, rows: torch.Tensor) -> torch.Tensor:
-        return chunk_scores(view.query, view.chunk, view.version, view.self_index, rows)
+        return chunk_scores(view.query, view.chunk, view.version, view.self_position, rows)
 
 
 def _faiss():
@@ -244,7 +264,7 @@ def check_backend(backend: str) -> None:
 def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
     """Pick the search backend for a top-``k`` search.
 
-    ``auto``: faiss GPU when faiss has GPU support and a GPU is visible (and k <= 2048),
+    ``auto``: faiss GPU when faiss has GPU support and a GPU is visible (and k < 2047),
     else torch (on this project's CPU boxes torch matmul + topk measured about 3x faster
     than faiss-cpu's flat search). ``faiss``: faiss GPU or CPU. ``torch``: torch.
     """
@@ -252,7 +272,7 @@ def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
     if backend == "torch":
         return TorchBackend()
     faiss = _faiss()
-    if _faiss_gpu_ok(faiss) and k <= FAISS_GPU_MAX_K:
+    if _faiss_gpu_ok(faiss) and k + 2 <= FAISS_GPU_MAX_K:  # asks for k + 1 (+1 for itself)
         return FaissBackend(faiss, gpu=True)
     return FaissBackend(faiss, gpu=False) if backend == "faiss" else TorchBackend()
 
@@ -313,14 +333,14 @@ def chunk_topk(backend, view: ChunkView, k: int, floor: torch.Tensor, guess: int
 
 
 def _scan(plan: Plan, query: torch.Tensor, k: int, backend, chunk_rows: int,
-          self_index: torch.Tensor | None, version: int) -> dict[int, torch.Tensor]:
+          self_position: torch.Tensor | None, version: int) -> dict[int, torch.Tensor]:
     """Running top-``k`` over ``version``'s chunks, keyed by the cut where it stops:
     prefixes of the new rows (scanned forward), suffixes of the old rows (backward)."""
     forward = version == NEW
     running, guess, found = None, k, {}
     floor = torch.full((len(query),), PAD, device=query.device)
     for chunk in plan.chunks(chunk_rows, query.device, (version,), reverse=not forward):
-        view = ChunkView(query, chunk, version, self_index)
+        view = ChunkView(query, chunk, version, self_position)
         keys, guess = chunk_topk(backend, view, k, floor, guess)
         running = merge_topk(running, keys, k)
         if running.shape[1] == k:
@@ -332,11 +352,11 @@ def _scan(plan: Plan, query: torch.Tensor, k: int, backend, chunk_rows: int,
 
 
 def topk_states(plan: Plan, query: torch.Tensor, k: int, backend, chunk_rows: int,
-                self_index: torch.Tensor | None = None) -> list[torch.Tensor]:
+                self_position: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Best-``k`` keys of every state of ``plan`` for one block of unit queries."""
     prefixes = {} if plan.new is None else _scan(plan, query, k, backend, chunk_rows,
-                                                 self_index, NEW)
-    suffixes = _scan(plan, query, k, backend, chunk_rows, self_index, OLD)
+                                                 self_position, NEW)
+    suffixes = _scan(plan, query, k, backend, chunk_rows, self_position, OLD)
     return [merge_topk(prefixes.get(cut), suffixes.get(cut), k) for cut in plan.cuts]
 
 

@@ -34,7 +34,8 @@ class BiCTMLPParams(FitRecipe):
     warmup_epochs: float = Field(1.0, ge=0, description="table 7: 1 warm-up epoch, then cosine")
 
 
-def mlp_layers(input_dim: int, hidden_dim: int, output_dim: int, hidden_layers: int) -> list[nn.Module]:
+def mlp_layers(input_dim: int, hidden_dim: int, output_dim: int,
+               hidden_layers: int) -> list[nn.Module]:
     """``[fc-bn-relu] x hidden_layers`` then ``fc``: d_old -> d_h -> ... -> d_new."""
     layers: list[nn.Module] = []
     width = input_dim

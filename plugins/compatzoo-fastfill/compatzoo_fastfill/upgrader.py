@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 from torch.func import functional_call
 
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
@@ -22,7 +21,8 @@ class FastFillParams(FCTParams):
 
     mu: float = Field(0.5, ge=0, description="weight of the sigma penalty (FastFill: 0.5)")
     mu_disc: float = Field(1.0, ge=0, description="weight of the discriminative term (FastFill: 1)")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="of the cross-entropy (FastFill: 0.1)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1,
+                                   description="of the cross-entropy (FastFill: 0.1)")
 
 
 def fastfill_loss(features: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
@@ -55,7 +55,8 @@ class FastFillUpgrader(FCTTransformation):
         return self.predict(old, side)[0]
 
     @torch.no_grad()
-    def uncertainty(self, old: np.ndarray | torch.Tensor, side: np.ndarray | torch.Tensor | None = None,
+    def uncertainty(self, old: np.ndarray | torch.Tensor,
+                    side: np.ndarray | torch.Tensor | None = None,
                     chunk_size: int = 65536) -> np.ndarray:
         """sigma per stored item, with ``upgrade``'s checks and chunking."""
         return _SigmaView(self).train(self.training).upgrade(old, side, chunk_size)[:, 0]

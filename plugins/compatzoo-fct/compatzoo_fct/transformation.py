@@ -49,7 +49,8 @@ class FCTParams(FitRecipe):
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     """Linear + BN + ReLU: the reference's 1x1 ConvBlock on a vector."""
-    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class FCTNet(nn.Module):
@@ -60,7 +61,8 @@ class FCTNet(nn.Module):
     def __init__(self, old_dim: int, side_dim: int, new_dim: int, inner_dim: int,
                  extra_outputs: int = 0):
         super().__init__()
-        self.old_branch = nn.Sequential(_block(old_dim, 2 * old_dim), _block(2 * old_dim, 2 * new_dim))
+        self.old_branch = nn.Sequential(_block(old_dim, 2 * old_dim),
+                                        _block(2 * old_dim, 2 * new_dim))
         self.side_branch = nn.Sequential(_block(side_dim, 2 * side_dim),
                                          _block(2 * side_dim, 2 * new_dim))
         self.mixer = nn.Sequential(_block(4 * new_dim, inner_dim), _block(inner_dim, inner_dim),
@@ -72,6 +74,14 @@ class FCTNet(nn.Module):
 
 def make_side_model(params: FCTParams, old_dim: int) -> SideInformation:
     return SIDE_INFORMATION[params.side_info](params.side_model, params.side_info_dim, old_dim)
+
+
+def _fit_side(side_model: SideInformation, images: Any, context: UpgradeContext,
+              prefix: str) -> list[dict[str, float]]:
+    """Train a side model on ``images``; its per-epoch logs are prefixed ``prefix/``."""
+    logs = side_model.fit(images, context.augment, context.device,
+                          context.seed + SIDE_SEED_OFFSET, context.progress)
+    return [{f"{prefix}/{key}": value for key, value in log.items()} for log in logs]
 
 
 class FCTTransformation(GalleryUpgrader):
@@ -112,15 +122,17 @@ class FCTTransformation(GalleryUpgrader):
     def adopt_side_model(self, side_model: SideInformation) -> None:
         """Use a trained side model, e.g. ``g.next_side_model`` of the previous hop of a
         chain, so that h_{i+1} reads the psi_i the gallery's side information came from."""
-        if type(side_model) is not type(self.side_model) or side_model.input_dim != self.side_model.input_dim:
+        mine = self.side_model
+        if type(side_model) is not type(mine) or side_model.input_dim != mine.input_dim:
             raise SpecError(f"cannot adopt a {type(side_model).__name__} of width "
                             f"{side_model.input_dim}: this upgrader was built for a "
-                            f"{type(self.side_model).__name__} of width {self.side_model.input_dim}")
+                            f"{type(mine).__name__} of width {mine.input_dim}")
         if not bool(side_model.fitted):
             raise SpecError("the side model to adopt is not trained yet")
         self.side_model = side_model
 
     def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+        """Side model on old_train (if not trained yet), then h on new_train."""
         check_fit_context(context, self.input_dim, self.output_dim)
         loss = self.mapping_loss(context)
         logs = self.fit_side_model(context)
@@ -136,9 +148,7 @@ class FCTTransformation(GalleryUpgrader):
         """Train psi on the old training images only (FCT sec. 3.2), unless trained already."""
         if bool(self.side_model.fitted):
             return []
-        logs = self.side_model.fit(context.old_train, context.augment, context.device,
-                                   context.seed + SIDE_SEED_OFFSET, context.progress)
-        return [{f"side/{key}": value for key, value in log.items()} for log in logs]
+        return _fit_side(self.side_model, context.old_train, context, "side")
 
     def fit_mapping(self, context: UpgradeContext, side: torch.Tensor | None,
                     target: torch.Tensor, loss: MappingLoss) -> list[dict[str, float]]:
@@ -191,12 +201,11 @@ class FCTSideTransformation(FCTTransformation):
         self.next_side_model = make_side_model(params, input_dim)
 
     def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+        """psi_i on old_train (if not adopted), psi_{i+1} on new_train, then g on new_train."""
         check_features(context.old_features, self.input_dim, "old features of the training set")
         loss = self.mapping_loss(context)
         logs = self.fit_side_model(context)
-        next_logs = self.next_side_model.fit(context.new_train, context.augment, context.device,
-                                             context.seed + SIDE_SEED_OFFSET, context.progress)
+        logs += _fit_side(self.next_side_model, context.new_train, context, "next_side")
         side = self.side_model.extract(context.new_train, progress=context.progress)
         target = self.next_side_model.extract(context.new_train, progress=context.progress)
-        logs += [{f"next_side/{key}": value for key, value in log.items()} for log in next_logs]
         return logs + self.fit_mapping(context, side, target, loss)

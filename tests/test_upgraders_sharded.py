@@ -1,0 +1,168 @@
+"""Applying upgraders to stored embeddings: chunked over memory-mapped .npy equals
+in-memory, and sharded, resumable upgrades that never leave a partial output shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import compatzoo
+from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
+from compatzoo.gallery import upgrade_shards
+from compatzoo.interfaces import GalleryUpgrader
+
+D_OLD, D_NEW = 6, 4
+
+
+def psi() -> GalleryUpgrader:
+    torch.manual_seed(0)
+    upgrader = compatzoo.create_upgrader("bict-mlp", D_OLD, D_NEW, hidden_dim=16)
+    for bn in (m for m in upgrader.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.uniform_(-1, 1)                  # non-trivial eval-mode statistics
+    return upgrader.eval()
+
+
+class ConcatSide(GalleryUpgrader):
+    """Output = [old, side]: makes the pairing of side rows with old rows visible."""
+
+    input_dim, side_dim, output_dim = D_OLD, 2, D_OLD + 2
+
+    def forward(self, old, side=None):
+        return torch.cat([old, side], dim=1)
+
+
+class FailingUpgrader(GalleryUpgrader):
+    """Wraps an upgrader and raises on its ``fail_at``-th forward call."""
+
+    def __init__(self, inner: GalleryUpgrader, fail_at: int):
+        super().__init__()
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+        self.input_dim, self.output_dim, self.side_dim = inner.input_dim, inner.output_dim, 0
+
+    def forward(self, old, side=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        return self.inner(old, side)
+
+
+def write_shards(tmp_path: Path, sizes=(10, 7, 12), dim: int = D_OLD, seed: int = 0,
+                 prefix: str = "part") -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, n in enumerate(sizes):
+        path = tmp_path / "in" / f"{prefix}-{i}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, rng.normal(size=(n, dim)).astype(np.float32))
+        paths.append(path)
+    return paths
+
+
+def test_chunked_memmap_upgrade_equals_in_memory(tmp_path):
+    array = np.random.default_rng(0).normal(size=(101, D_OLD)).astype(np.float32)
+    np.save(tmp_path / "gallery.npy", array)
+    stored = np.load(tmp_path / "gallery.npy", mmap_mode="r")
+    upgrader = psi()
+    assert isinstance(stored, np.memmap)
+    assert np.array_equal(upgrader.upgrade(stored, chunk_size=8), upgrader.upgrade(array))
+
+
+def test_sharded_outputs_equal_in_memory_upgrade(tmp_path):
+    paths = write_shards(tmp_path)
+    upgrader = psi()
+    outputs = upgrade_shards(upgrader, paths, tmp_path / "out", chunk_size=4, progress=False)
+    assert [p.name for p in outputs] == [p.name for p in paths]
+    for path, out in zip(paths, outputs):
+        assert np.array_equal(np.load(out), upgrader.upgrade(np.load(path), chunk_size=4))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in paths]
+
+
+def test_sharded_upgrade_is_resumable(tmp_path):
+    paths = write_shards(tmp_path)
+    out_dir = tmp_path / "out"
+    first = upgrade_shards(psi(), paths, out_dir, progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+    first[1].unlink()
+    counting = FailingUpgrader(psi(), fail_at=-1)
+    upgrade_shards(counting, paths, out_dir, chunk_size=100, progress=False)
+    assert counting.calls == 1                                     # only the missing shard
+    assert first[0].stat().st_mtime_ns == stamps[first[0]]
+    assert np.array_equal(np.load(first[1]), psi().upgrade(np.load(paths[1])))
+
+
+def test_an_interrupted_shard_leaves_no_partial_output(tmp_path):
+    paths = write_shards(tmp_path)                                  # 10, 7, 12 rows
+    out_dir = tmp_path / "out"
+    failing = FailingUpgrader(psi(), fail_at=5)                     # chunk 4 = 2nd chunk of shard 1
+    with pytest.raises(RuntimeError, match="injected"):
+        upgrade_shards(failing, paths, out_dir, chunk_size=4, progress=False)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["part-0.npy"]   # no part-1, no .partial
+    resumed = upgrade_shards(psi(), paths, out_dir, chunk_size=4, progress=False)
+    for path, out in zip(paths, resumed):
+        assert np.array_equal(np.load(out), psi().upgrade(np.load(path), chunk_size=4))
+
+
+def test_bad_shards_fail_before_any_output_is_written(tmp_path):
+    paths = write_shards(tmp_path)
+    with_nan = np.load(paths[2])
+    with_nan[11, 3] = np.nan
+    np.save(paths[2], with_nan)
+    with pytest.raises(InvalidFeaturesError, match=r"part-2.npy \(rows 8-11\).*NaN"):
+        upgrade_shards(psi(), paths, tmp_path / "out", chunk_size=4, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+    wide = write_shards(tmp_path, sizes=(3,), dim=D_OLD + 1, prefix="wide")
+    with pytest.raises(DimensionMismatchError, match="dimension 7 but the upgrader expects 6"):
+        upgrade_shards(psi(), [paths[0], *wide], tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(SpecError, match="not an existing"):
+        upgrade_shards(psi(), [tmp_path / "missing.npy"], tmp_path / "out", progress=False)
+
+
+def test_side_shards_are_required_and_paired_by_row(tmp_path):
+    paths = write_shards(tmp_path, sizes=(5, 3))
+    rng = np.random.default_rng(1)
+    sides = []
+    for path in paths:
+        side = tmp_path / f"side-{path.name}"
+        np.save(side, rng.normal(size=(len(np.load(path)), 2)).astype(np.float32))
+        sides.append(side)
+    with pytest.raises(InvalidFeaturesError, match="needs side information of dimension 2"):
+        upgrade_shards(ConcatSide(), paths, tmp_path / "out", progress=False)
+    outputs = upgrade_shards(ConcatSide(), paths, tmp_path / "out", side_paths=sides,
+                             chunk_size=2, progress=False)
+    for path, side, out in zip(paths, sides, outputs):
+        assert np.array_equal(np.load(out), np.concatenate([np.load(path), np.load(side)], axis=1))
+    with pytest.raises(InvalidFeaturesError, match="3 rows but"):
+        upgrade_shards(ConcatSide(), paths[:1], tmp_path / "out2", side_paths=sides[1:],
+                       progress=False)
+
+
+def test_safetensors_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(n, D_OLD)).astype(np.float32) for n in (9, 4)]
+    paths = []
+    for i, array in enumerate(arrays):
+        paths.append(tmp_path / f"emb-{i}.safetensors")
+        save_file({"embeddings": array}, str(paths[-1]))
+    outputs = upgrade_shards(psi(), paths, tmp_path / "out", chunk_size=4, progress=False)
+    from safetensors.numpy import load_file
+
+    for array, out in zip(arrays, outputs):
+        assert np.array_equal(load_file(str(out))["embeddings"], psi().upgrade(array, chunk_size=4))
+    save_file({"a": arrays[0], "b": arrays[0]}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(SpecError, match="pass key="):
+        upgrade_shards(psi(), [tmp_path / "two.safetensors"], tmp_path / "out", progress=False)
+
+
+def test_an_existing_output_of_another_shape_is_never_overwritten(tmp_path):
+    paths = write_shards(tmp_path, sizes=(5,))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    np.save(out_dir / paths[0].name, np.zeros((5, 9), np.float32))
+    with pytest.raises(DimensionMismatchError, match="already exists with shape"):
+        upgrade_shards(psi(), paths, out_dir, progress=False)
+    assert np.load(out_dir / paths[0].name).shape == (5, 9)
