@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COMPATZOO_STRICT_PLUGINS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see compatzoo/cli.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

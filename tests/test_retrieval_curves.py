@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from compatzoo.retrieval import BackfillCurve, backfill_curve, evaluate
+from compatzoo.errors import DimensionMismatchError
 from compatzoo.retrieval import ranking
 from fixtures_retrieval import clustered, reference_correct
 
@@ -146,3 +147,20 @@ def test_to_dict_is_json_and_plot_writes_png(tmp_path):
     no_nfr = BackfillCurve([0.0, 1.0], {"cmc@1": [0.1, 0.2]}, auc={"cmc@1": 0.15})
     assert "nfr" not in no_nfr.to_dict()
     assert no_nfr.plot(tmp_path / "plain.png").stat().st_size > 0
+
+
+def test_reference_gallery_counts_flips_against_the_raw_old_gallery():
+    """With an upgraded gallery psi(old) as the starting state, NFR stays relative to o2o."""
+    q_old, q_new, ql, g_old, g_new, gl, order = upgrade_data(5, n_query=20, n_gallery=40)
+    upgraded = g_new + 0.5 * np.random.default_rng(1).standard_normal(g_new.shape).astype(np.float32)
+    curve = backfill_curve(q_new, upgraded, g_new, ql, gl, order, points=4, metrics=["cmc@1"],
+                           query_old=q_old, reference_gallery=g_old)
+    right_before = reference_correct(q_old, ql, g_old, gl, 1)
+    for point, fraction in enumerate(curve.fractions):
+        mixed = mixed_gallery(upgraded, g_new, order, fraction)
+        right_now = reference_correct(q_new, ql, mixed, gl, 1)
+        assert curve.nfr[1][point] == pytest.approx((right_before & ~right_now).sum()
+                                                    / right_before.sum())
+    with pytest.raises(DimensionMismatchError, match="reference_gallery has 39 rows"):
+        backfill_curve(q_new, upgraded, g_new, ql, gl, order, query_old=q_old,
+                       reference_gallery=g_old[:39])

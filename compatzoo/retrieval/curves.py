@@ -109,7 +109,8 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
                    points: int = 21, metrics: Sequence[str] = ("map@100", "cmc@1"),
                    query_old: ArrayLike | None = None, nfr_k: Sequence[int] = (1,),
                    backend: str = "auto", leave_one_out: bool = False,
-                   chunk_size: int | None = None) -> BackfillCurve:
+                   chunk_size: int | None = None,
+                   reference_gallery: ArrayLike | None = None) -> BackfillCurve:
     """Metrics of new queries against a gallery being backfilled in ``order``.
 
     At fraction f (``points`` evenly spaced in [0, 1]) the first round(f * G) gallery
@@ -118,6 +119,9 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     the top k before the upgrade (query_old vs gallery_old) that are wrong at that point.
     ``leave_one_out``: the queries are the gallery items themselves (FCT protocol); each
     is left out of its own ranking, old and new reference alike.
+    ``reference_gallery``: the gallery of the NFR reference state when it is not
+    ``gallery_old`` -- e.g. the raw old embeddings when ``gallery_old`` holds their
+    upgraded versions psi(old), so flips are still counted against o2o.
     """
     parsed = parse_metrics(metrics)
     ks = _check_curve_args(points, nfr_k)
@@ -127,9 +131,17 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     check_same_shape(old, new)
     permutation = torch.from_numpy(check_order(order, old.n))
     reference = None
+    reference_plan = Plan(old)
+    if reference_gallery is not None:
+        stored = as_features(reference_gallery, "reference_gallery")
+        if stored.n != old.n:
+            raise DimensionMismatchError(
+                f"reference_gallery has {stored.n} rows but the gallery has {old.n}; give the "
+                "stored embeddings of the same gallery items, row for row")
+        reference_plan = Plan(stored)
     if query_old is not None:
         reference = as_features(query_old, "query_old")
-        check_same_dim(reference, old)
+        check_same_dim(reference, reference_plan.old)
         if reference.n != q.n:
             raise DimensionMismatchError(
                 f"query_old has {reference.n} rows but query_new has {q.n}; both must embed "
@@ -145,7 +157,7 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     values = {m.name: [point[m.name] for point in per_point] for m in parsed}
     curve = BackfillCurve(fractions, values, auc={n: float(np.mean(v)) for n, v in values.items()})
     if reference is not None:
-        before = rank_tables(reference, ql, Plan(old), gl, [], leave_one_out, backend,
+        before = rank_tables(reference, ql, reference_plan, gl, [], leave_one_out, backend,
                              chunk_size, extra_k=ks)[0]
         for k in ks:
             right = _correct_at(before, k)

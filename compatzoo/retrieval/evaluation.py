@@ -67,9 +67,11 @@ def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
     """Retrieval metrics (cosine similarity) of ``query`` against ``gallery``.
 
     ``leave_one_out=True`` is FCT's protocol: pass the same set as query and gallery; item
-    i is left out of query i's ranking. Ties rank by gallery index. Queries without a
-    positive are left out of every mean. ``chunk_size`` gallery rows are scored at a time
-    (None: from a memory budget). Returns {canonical metric name: value in [0, 1]}.
+    i is left out of query i's ranking (by index, not by score). Ties rank by gallery
+    index. Queries without a positive are left out of every mean. ``chunk_size`` gallery
+    rows are scored at a time (None: from a memory budget). Metric names are
+    case-insensitive (:data:`KNOWN_METRICS`); the result maps each name as given to its
+    value in [0, 1].
     """
     parsed = parse_metrics(metrics)
     q, ql, g, gl = validate_retrieval(query, query_labels, gallery, gallery_labels,

@@ -1,0 +1,88 @@
+"""Run every spec of a suite and write its leaderboard (Markdown + JSON).
+
+    python benchmarks/run_suite.py benchmarks/suites/quick [--only bct ract] [--out runs/suite]
+
+Each spec runs end to end (its own old model: same seed, so the same old model) and the
+leaderboard lists, per new model, o2o, n2o, n2u (upgraded gallery), n2n on the primary
+metric, BCT's criterion and the backfill AUC / worst NFR@1 per scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from compatzoo.experiment import format_table, run_experiment
+from compatzoo.specs import load_spec
+
+
+def leaderboard_rows(results: dict) -> list[dict]:
+    evaluation = results["evaluation"]
+    primary, table = evaluation["primary"], evaluation["table"]
+    rows = []
+    for model, criterion in evaluation["criterion"].items():
+        curves = evaluation.get("backfill", {}).get(model, {})
+        rows.append({
+            "spec": results["experiment"], "model": model, "metric": primary,
+            "o2o": table["o2o"][primary], "n2o": table[f"n2o/{model}"][primary],
+            "n2u": table.get(f"n2u/{model}", {}).get(primary),
+            "n2n": table[f"n2n/{model}"][primary], "compatible": criterion["compatible"],
+            "update_gain": criterion.get("update_gain"),
+            "auc": {name: c["auc"][primary] for name, c in curves.items()},
+            "max_nfr@1": {name: max(c["nfr"]["1"]) if "1" in c.get("nfr", {}) else None
+                          for name, c in curves.items()},
+            "oracle": [name for name, c in curves.items() if c.get("oracle")],
+            "seconds": results["timing"]["total_s"],
+        })
+    return rows
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| spec | model | o2o | n2o | n2u | n2n | n2o > o2o | update gain | backfill AUC (scheduler) | max NFR@1 | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        auc = ", ".join(f"{pct(v)} ({k}{' [oracle]' if k in r['oracle'] else ''})"
+                        for k, v in r["auc"].items()) or "–"
+        nfr = ", ".join(f"{pct(v)} ({k})" for k, v in r["max_nfr@1"].items()) or "–"
+        gain = "–" if r["update_gain"] is None else f"{r['update_gain']:.3f}"
+        lines.append(f"| {r['spec']} | {r['model']} | {pct(r['o2o'])} | {pct(r['n2o'])} | "
+                     f"{pct(r['n2u'])} | {pct(r['n2n'])} | {'yes' if r['compatible'] else 'no'} | "
+                     f"{gain} | {auc} | {nfr} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", type=Path)
+    parser.add_argument("--only", nargs="*", help="spec file stems to run")
+    parser.add_argument("--out", type=Path, default=Path("runs/suite"))
+    parser.add_argument("--leaderboard", type=Path, default=None,
+                        help="Markdown file to write (default: <out>/LEADERBOARD.md)")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    specs = sorted(p for p in args.suite.glob("*.yaml") if not args.only or p.stem in args.only)
+    rows = []
+    for path in specs:
+        spec = load_spec(path)
+        results = run_experiment(spec, args.out / path.stem, progress=False,
+                                 save_checkpoints=False)
+        print(f"\n== {spec.name}\n{format_table(results['evaluation'])}", flush=True)
+        rows.extend(leaderboard_rows(results))
+        (args.out / "leaderboard.json").write_text(json.dumps(rows, indent=2))
+    markdown = to_markdown(rows)
+    target = args.leaderboard or args.out / "LEADERBOARD.md"
+    target.write_text(f"# Leaderboard: {args.suite.name} suite (metric: {rows[0]['metric']})\n\n"
+                      f"{markdown}\n")
+    print("\n" + markdown)
+
+
+if __name__ == "__main__":
+    main()
