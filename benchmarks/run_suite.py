@@ -69,19 +69,30 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     specs = sorted(p for p in args.suite.glob("*.yaml") if not args.only or p.stem in args.only)
-    rows = []
+    rows, failures = [], {}
+    args.out.mkdir(parents=True, exist_ok=True)
     for path in specs:
         spec = load_spec(path)
-        results = run_experiment(spec, args.out / path.stem, progress=False,
-                                 save_checkpoints=False)
+        try:
+            results = run_experiment(spec, args.out / path.stem, progress=False,
+                                     save_checkpoints=False)
+        except Exception as exc:  # one broken method must not hide the others' results
+            failures[path.stem] = f"{type(exc).__name__}: {exc}"
+            print(f"\n== {spec.name} FAILED: {failures[path.stem]}", flush=True)
+            continue
         print(f"\n== {spec.name}\n{format_table(results['evaluation'])}", flush=True)
         rows.extend(leaderboard_rows(results))
-        (args.out / "leaderboard.json").write_text(json.dumps(rows, indent=2))
+        (args.out / "leaderboard.json").write_text(
+            json.dumps({"rows": rows, "failures": failures}, indent=2))
     markdown = to_markdown(rows)
     target = args.leaderboard or args.out / "LEADERBOARD.md"
-    target.write_text(f"# Leaderboard: {args.suite.name} suite (metric: {rows[0]['metric']})\n\n"
-                      f"{markdown}\n")
-    print("\n" + markdown)
+    failed = "".join(f"\n- {name}: {error}" for name, error in failures.items())
+    target.write_text(f"# Leaderboard: {args.suite.name} suite (metric: "
+                      f"{rows[0]['metric'] if rows else '-'})\n\n{markdown}\n"
+                      + (f"\nFailed specs:{failed}\n" if failures else ""))
+    print("\n" + markdown + (f"\nfailed:{failed}" if failures else ""))
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,63 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Compatibility table and backfill curve from saved features."""
+    import json
+
+    import numpy as np
+
+    from compatzoo.arrays import load_array
+    from compatzoo.errors import SpecError
+    from compatzoo.retrieval import backfill_curve, evaluate
+
+    loo = args.leave_one_out
+    if not loo and not args.gallery_labels:
+        raise SpecError("give --gallery-labels, or --leave-one-out when the query set is the "
+                        "gallery")
+    q_labels = load_array(args.query_labels)
+    g_labels = q_labels if loo else load_array(args.gallery_labels)
+    feats = {name: load_array(path) for name, path in
+             (("query_old", args.query_old), ("gallery_old", args.gallery_old),
+              ("query_new", args.query_new), ("gallery_new", args.gallery_new)) if path}
+    if loo:  # FCT protocol: one set is both the queries and the gallery
+        feats.update({f"gallery_{v}": feats[f"query_{v}"] for v in ("old", "new")
+                      if f"query_{v}" in feats})
+    pairs = {"o2o": ("query_old", "gallery_old"), "n2o": ("query_new", "gallery_old"),
+             "n2n": ("query_new", "gallery_new")}
+    table = {name: evaluate(feats[q], q_labels, feats[g], g_labels, metrics=args.metrics,
+                            leave_one_out=loo)
+             for name, (q, g) in pairs.items() if q in feats and g in feats}
+    if not table:
+        raise SpecError("give at least one query/gallery pair, e.g. --query-new and "
+                        "--gallery-old for the cross test")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(len(m) for m in args.metrics)
+    print("setting  " + "  ".join(m.ljust(width) for m in args.metrics))
+    for name, values in table.items():
+        print(f"{name:<8} " + "  ".join(f"{100 * values[m]:<{width}.2f}" for m in args.metrics))
+    results = {"metrics": args.metrics, "leave_one_out": loo, "table": table}
+    if {"query_new", "gallery_old", "gallery_new"} <= feats.keys():
+        order = (load_array(args.order) if args.order else
+                 np.random.default_rng(args.seed).permutation(len(feats["gallery_old"])))
+        curve = backfill_curve(feats["query_new"], feats["gallery_old"], feats["gallery_new"],
+                               q_labels, g_labels, order, points=args.points,
+                               metrics=args.metrics, query_old=feats.get("query_old"),
+                               leave_one_out=loo)
+        results["backfill"] = {"order": args.order or f"random (seed {args.seed})",
+                               **curve.to_dict()}
+        primary = args.metrics[0]
+        reference = {k: table[k][primary] for k in ("o2o", "n2n") if k in table}
+        curve.plot(out / "backfill.png", reference=reference)
+        nfr = curve.nfr.get(1)
+        print(f"backfill AUC {primary}: {100 * curve.auc[primary]:.2f}"
+              + (f"; NFR@1 max {100 * np.nanmax(nfr):.2f}" if nfr else ""))
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {out / 'eval.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compatzoo", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -95,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
                              help="do not save model weights")
     run.set_defaults(func=_cmd_run)
     demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("eval", help="compatibility table and backfill curve from saved "
+                        "features (.npy, .safetensors or file.safetensors:KEY)")
+    for name in ("query-old", "gallery-old", "query-new", "gallery-new"):
+        ev.add_argument(f"--{name}", help=f"{name.replace('-', ' ')} features (N, d)")
+    ev.add_argument("--query-labels", required=True)
+    ev.add_argument("--gallery-labels")
+    ev.add_argument("--leave-one-out", action="store_true",
+                    help="FCT protocol: the query set is the gallery, each query left out")
+    ev.add_argument("--metrics", nargs="+", default=["map@100", "cmc@1"])
+    ev.add_argument("--order", help="backfill order (.npy permutation); default random")
+    ev.add_argument("--points", type=int, default=21)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output-dir", "-o", default="runs/eval")
+    ev.set_defaults(func=_cmd_eval)
 
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec")

@@ -95,12 +95,14 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     batch = spec.evaluation.batch_size
     log_path = out / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
+    old_train = data.train.subset(allocation.old)
+    new_train = data.train.subset(allocation.new)
 
     # ---- old model -----------------------------------------------------------------
     tick = time.perf_counter()
     _seed_everything(spec.seed)
     encoder, head = build_model(spec.old, data.num_classes)
-    old = train_model(encoder, head, data.train.subset(allocation.old),
+    old = train_model(encoder, head, old_train,
                       build_loss([LossTermSpec(name="classification")]), spec.old.train,
                       augment=augment, seed=spec.seed, log_path=log_path, progress=progress,
                       checkpoint_dir=out / "checkpoints" / "old" if save_checkpoints else None,
@@ -114,8 +116,6 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     new_models: dict[str, TrainedModel] = {}
     new_emb: dict[str, Embeddings] = {}
     upgrades: dict[str, UpgradedGallery] = {}
-    old_train = data.train.subset(allocation.old)
-    new_train = data.train.subset(allocation.new)
     for i, model_spec in enumerate(spec.new):
         tick = time.perf_counter()
         seed = spec.seed + 1 + i
@@ -152,8 +152,8 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
         "experiment": spec.name,
         "seed": spec.seed,
         "dataset": data.info,
-        "allocation": {"name": spec.data.allocation.name, "old_items": int(len(allocation.old)),
-                       "new_items": int(len(allocation.new))},
+        "allocation": {"name": spec.data.allocation.name,
+                       "stages": allocation.describe(np.asarray(data.train.labels))},
         "spec": spec.model_dump(mode="json"),
         "training": {"old": old.history, **{n: m.history for n, m in new_models.items()},
                      **{f"{n}/upgrader": u.history for n, u in upgrades.items()}},
