@@ -167,11 +167,18 @@ def check_features(array: np.ndarray | torch.Tensor, dim: int | None, what: str)
             f"{what} has dimension {shape[1]} but {dim} was expected; pass features produced "
             "by the model this component was built for"
         )
-    finite = torch.isfinite(torch.as_tensor(array)).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten()[:5].tolist()
+    bad: list[int] = []
+    count = 0
+    for begin, stop in _chunks(shape[0], 65536):  # chunked: memmaps larger than memory
+        block = array[begin:stop]
+        finite = (torch.isfinite(block).all(dim=1).cpu().numpy() if torch.is_tensor(block)
+                  else np.isfinite(np.asarray(block)).all(axis=1))
+        rows = np.flatnonzero(~finite)
+        count += len(rows)
+        bad += (rows[:5 - len(bad)] + begin).tolist() if len(bad) < 5 else []
+    if count:
         raise InvalidFeaturesError(
-            f"{what} contains NaN or inf in {int((~finite).sum())} rows (first: {bad}); "
+            f"{what} contains NaN or inf in {count} rows (first: {bad}); "
             "re-extract those features or drop the rows"
         )
 
@@ -238,11 +245,12 @@ class GalleryUpgrader(nn.Module):
         was_training = self.training
         self.eval()
         out = np.empty((old.shape[0], self.output_dim), dtype=np.float32)
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
         for start, stop in _chunks(old.shape[0], chunk_size):
-            x = torch.as_tensor(np.asarray(old[start:stop]), dtype=torch.float32)
-            s = None if side is None else torch.as_tensor(np.asarray(side[start:stop]),
-                                                          dtype=torch.float32)
-            out[start:stop] = self(x, s).numpy()
+            x = torch.as_tensor(np.array(old[start:stop]), dtype=torch.float32, device=device)
+            s = None if side is None else torch.as_tensor(np.array(side[start:stop]),
+                                                          dtype=torch.float32, device=device)
+            out[start:stop] = self(x, s).float().cpu().numpy()
         self.train(was_training)
         return out
 

@@ -16,16 +16,6 @@ from compatzoo.registry import get_registry
 from compatzoo_bict import BiCTMLP, BiCTMLPParams, momentum_input
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine
-    their synchronisation slows training by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_problem(n: int = 256, d_old: int = 8, d_new: int = 12, seed: int = 0):
     """Old features and their image under a fixed random linear map (the new features)."""
     g = torch.Generator().manual_seed(seed)

@@ -19,16 +19,6 @@ from compatzoo_fct import FCTTransformation
 D_OLD, D_NEW, CLASSES = 8, 12, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine
-    their synchronisation slows training by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fastfill(**params) -> FastFillUpgrader:
     params = {"side_info": "none", "side_info_dim": 6, "inner_dim": 32, **params}
     return compatzoo.create_upgrader("fastfill", D_OLD, D_NEW, **params)

@@ -25,16 +25,6 @@ from compatzoo_fct.side_info import AltOldMixupSide, SideInfoName
 TINY_SIDE = {"epochs": 1, "batch_size": 8, "encoder_params": {"widths": [4, 8]}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine
-    their synchronisation slows training by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_images(n: int = 24, seed: int = 0) -> TensorImages:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g)
