@@ -19,6 +19,7 @@ import torch
 
 import compatzoo
 from compatzoo.data.augment import AugmentParams, BatchAugment
+from compatzoo.errors import SpecError
 from compatzoo.engine import TrainedModel, extract_features, resolve_device, save_state, train_model
 from compatzoo.costs import count_macs
 from compatzoo.interfaces import GalleryState, UpgradeContext, WeightedLoss, match_dim
@@ -97,6 +98,7 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     log_path.unlink(missing_ok=True)
     old_train = data.train.subset(allocation.old)
     new_train = data.train.subset(allocation.new)
+    check_new_training_sets(spec, new_train)
 
     # ---- old model -----------------------------------------------------------------
     tick = time.perf_counter()
@@ -166,6 +168,24 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     if evaluation.get("backfill"):
         plot_curves(evaluation, spec.evaluation.primary, out)
     return results
+
+
+def check_new_training_sets(spec: ExperimentSpec, new_train) -> None:
+    """Fail before any training when a new model's losses cannot get what they need from
+    the data (e.g. contrastive negatives when the allocation leaves a single class)."""
+    classes = len(np.unique(np.asarray(new_train.labels)))
+    for model in spec.new:
+        loss = build_loss(model.losses)
+        if loss.min_classes_per_batch > classes:
+            raise SpecError(
+                f"new model '{model.name}': its losses need samples of "
+                f"{loss.min_classes_per_batch} classes per batch, but the new training set "
+                f"({spec.data.allocation.name}) has {classes} class(es); choose another "
+                "allocation or loss")
+        if len(new_train) < model.train.batch_size:
+            raise SpecError(f"new model '{model.name}': the new training set has "
+                            f"{len(new_train)} items, fewer than batch_size "
+                            f"{model.train.batch_size}; lower new.train.batch_size")
 
 
 def upgrade_gallery(spec: UpgraderSpec, old: TrainedModel, new: TrainedModel, data, old_train,

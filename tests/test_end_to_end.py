@@ -52,3 +52,18 @@ def test_tiny_upgrade_runs_end_to_end(tmp_path, new_encoder):
         assert (tmp_path / "backfill_bct.png").is_file()
     else:
         assert curves == {}
+
+
+def test_a_loss_the_data_cannot_serve_fails_before_any_training(tmp_path, monkeypatch):
+    import compatzoo.experiment as experiment
+    from compatzoo.errors import SpecError
+
+    spec = tiny_spec()
+    spec["data"]["dataset"]["params"] = {**TINY_DATA, "num_train_classes": 2}
+    spec["data"]["allocation"] = {"name": "open-class", "params": {"fraction": 0.5}}
+    spec["new"] = [{"name": "ract", "losses": ["classification", "ract"]}]
+    trained = []
+    monkeypatch.setattr(experiment, "train_model", lambda *a, **k: trained.append(1))
+    with pytest.raises(SpecError, match="'ract'.*2 classes.*has 1 class"):
+        run_experiment(load_spec(spec), tmp_path, progress=False)
+    assert trained == []
