@@ -1,6 +1,7 @@
 """Run every spec of a suite and write its leaderboard (Markdown + JSON).
 
     python benchmarks/run_suite.py benchmarks/suites/quick [--only bct ract] [--out runs/suite]
+    python benchmarks/run_suite.py --merge runs/a runs/b --leaderboard benchmarks/LEADERBOARD.md
 
 Each spec runs end to end (its own old model: same seed, so the same old model) and the
 leaderboard lists, per new model, o2o, n2o, n2u (upgraded gallery), n2n on the primary
@@ -61,12 +62,22 @@ def to_markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", type=Path)
+    parser.add_argument("suite", type=Path, nargs="?")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine the leaderboard.json of earlier runs instead of running")
     parser.add_argument("--only", nargs="*", help="spec file stems to run")
     parser.add_argument("--out", type=Path, default=Path("runs/suite"))
     parser.add_argument("--leaderboard", type=Path, default=None,
                         help="Markdown file to write (default: <out>/LEADERBOARD.md)")
     args = parser.parse_args()
+    if args.merge:
+        merged = [json.loads((d / "leaderboard.json").read_text()) for d in args.merge]
+        rows = sorted((r for m in merged for r in m["rows"]), key=lambda r: r["spec"])
+        failures = {k: v for m in merged for k, v in m["failures"].items()}
+        write_leaderboard(rows, failures, "quick", args.leaderboard or Path("LEADERBOARD.md"))
+        return
+    if args.suite is None:
+        parser.error("give a suite folder, or --merge")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     specs = sorted(p for p in args.suite.glob("*.yaml") if not args.only or p.stem in args.only)
     rows, failures = [], {}
@@ -84,15 +95,20 @@ def main() -> None:
         rows.extend(leaderboard_rows(results))
         (args.out / "leaderboard.json").write_text(
             json.dumps({"rows": rows, "failures": failures}, indent=2))
-    markdown = to_markdown(rows)
-    target = args.leaderboard or args.out / "LEADERBOARD.md"
-    failed = "".join(f"\n- {name}: {error}" for name, error in failures.items())
-    target.write_text(f"# Leaderboard: {args.suite.name} suite (metric: "
-                      f"{rows[0]['metric'] if rows else '-'})\n\n{markdown}\n"
-                      + (f"\nFailed specs:{failed}\n" if failures else ""))
-    print("\n" + markdown + (f"\nfailed:{failed}" if failures else ""))
+    write_leaderboard(rows, failures, args.suite.name,
+                      args.leaderboard or args.out / "LEADERBOARD.md")
     if failures:
         raise SystemExit(1)
+
+
+def write_leaderboard(rows: list[dict], failures: dict[str, str], suite: str,
+                      target: Path) -> None:
+    markdown = to_markdown(rows)
+    failed = "".join(f"\n- {name}: {error}" for name, error in failures.items())
+    target.write_text(f"# Leaderboard: {suite} suite (metric: "
+                      f"{rows[0]['metric'] if rows else '-'}, in %)\n\n{markdown}\n"
+                      + (f"\nFailed specs:{failed}\n" if failures else ""))
+    print("\n" + markdown + (f"\nfailed:{failed}" if failures else ""))
 
 
 if __name__ == "__main__":
