@@ -231,11 +231,6 @@ def upgrade_gallery(spec: UpgraderSpec, old: TrainedModel, new: TrainedModel, da
                            cost, history)
 
 
-def _cross_query(query: torch.Tensor, gallery_dim: int) -> torch.Tensor:
-    """New queries against an old gallery of another width: BCT's first-d_old rule."""
-    return match_dim(query, gallery_dim)
-
-
 def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,
                      new_emb: dict[str, Embeddings], new_models: dict[str, TrainedModel],
                      upgrades: dict[str, UpgradedGallery] | None = None) -> dict[str, Any]:
@@ -257,7 +252,8 @@ def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,
     d_old = old_emb.gallery.shape[1]
     table: dict[str, dict[str, float]] = {"o2o": score(old_emb.query, old_emb.gallery)}
     for name, emb in new_emb.items():
-        table[f"n2o/{name}"] = score(_cross_query(emb.query, d_old), old_emb.gallery)
+        # New queries against an old gallery of another width: BCT's first-d_old rule.
+        table[f"n2o/{name}"] = score(match_dim(emb.query, d_old), old_emb.gallery)
         if name in upgrades:
             table[f"n2u/{name}"] = score(emb.query, upgrades[name].features)
         table[f"n2n/{name}"] = score(emb.query, emb.gallery)
