@@ -221,14 +221,12 @@ def upgrade_gallery(spec: UpgraderSpec, old: TrainedModel, new: TrainedModel, da
     side_dim = 0 if side is None else side.shape[1]
     cost = {
         "upgrade_macs_per_item": count_macs(upgrader, old_emb.gallery[:2], side_example),
-        "reembed_macs_per_item": count_macs(new.encoder.cpu(), images),
+        "reembed_macs_per_item": count_macs(new.encoder, images.to(device)),
         "stored_bytes_per_item": 4 * (old_emb.gallery.shape[1] + side_dim),
         "side_bytes_per_item": 4 * side_dim,
         "new_bytes_per_item": 4 * new.encoder.embedding_dim,
     }
-    new.encoder.to(device)
-    return UpgradedGallery(features, side, None if uncertainty is None else np.asarray(uncertainty),
-                           cost, history)
+    return UpgradedGallery(features, side, uncertainty, cost, history)
 
 
 def evaluate_upgrade(spec: ExperimentSpec, data, old_emb: Embeddings,

@@ -247,12 +247,20 @@ class GalleryUpgrader(nn.Module):
         out = np.empty((old.shape[0], self.output_dim), dtype=np.float32)
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         for start, stop in _chunks(old.shape[0], chunk_size):
-            x = torch.as_tensor(np.array(old[start:stop]), dtype=torch.float32, device=device)
-            s = None if side is None else torch.as_tensor(np.array(side[start:stop]),
-                                                          dtype=torch.float32, device=device)
+            x = _rows(old, start, stop, device)
+            s = None if side is None else _rows(side, start, stop, device)
             out[start:stop] = self(x, s).float().cpu().numpy()
         self.train(was_training)
         return out
+
+
+def _rows(array: np.ndarray | torch.Tensor, start: int, stop: int,
+          device: torch.device) -> torch.Tensor:
+    """A float32 chunk on ``device``; numpy rows are copied (memmaps may be read-only)."""
+    block = array[start:stop]
+    if not torch.is_tensor(block):
+        block = torch.from_numpy(np.array(block, dtype=np.float32))
+    return block.to(device=device, dtype=torch.float32)
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

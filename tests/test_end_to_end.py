@@ -67,3 +67,25 @@ def test_a_loss_the_data_cannot_serve_fails_before_any_training(tmp_path, monkey
     with pytest.raises(SpecError, match="'ract'.*2 classes.*has 1 class"):
         run_experiment(load_spec(spec), tmp_path, progress=False)
     assert trained == []
+
+
+def test_upgrader_lifecycle_reports_n2u_costs_and_a_curve_per_scheduler(tmp_path):
+    spec = tiny_spec(OLD_ENCODER)
+    spec["new"] = [{"name": "ff", "upgrader": {"name": "fastfill", "params": {
+        "side_info": "none", "epochs": 2, "batch_size": 64, "inner_dim": 32}}}]
+    spec["evaluation"]["backfill"]["schedulers"] = ["random", "fastfill-sigma",
+                                                    "oracle-distance"]
+    evaluation = run_experiment(load_spec(spec), tmp_path, progress=False)["evaluation"]
+    table = evaluation["table"]
+    assert set(table) == {"o2o", "n2o/ff", "n2u/ff", "n2n/ff"}
+    curves = evaluation["backfill"]["ff"]
+    assert set(curves) == {"random", "fastfill-sigma", "oracle-distance"}
+    assert [c["oracle"] for c in curves.values()] == [False, False, True]
+    for curve in curves.values():  # the not-yet-backfilled gallery is the upgraded one
+        assert curve["metrics"]["map@100"][0] == pytest.approx(table["n2u/ff"]["map@100"])
+        assert curve["metrics"]["map@100"][-1] == pytest.approx(table["n2n/ff"]["map@100"])
+    cost = evaluation["upgrade_cost"]["ff"]
+    assert cost["stored_bytes_per_item"] == 4 * 8 and cost["side_bytes_per_item"] == 0
+    assert cost["upgrade_macs_per_item"] > 0 and cost["reembed_macs_per_item"] > 0
+    assert (tmp_path / "checkpoints" / "ff" / "upgrader" / "model.safetensors").is_file()
+    assert "upgrade per gallery item" in format_table(evaluation)
