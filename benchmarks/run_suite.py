@@ -5,7 +5,8 @@
 
 Each spec runs end to end (its own old model: same seed, so the same old model) and the
 leaderboard lists, per new model, o2o, n2o, n2u (upgraded gallery), n2n on the primary
-metric, BCT's criterion and the backfill AUC / worst NFR@1 per scheduler.
+metric, BCT's criterion and the backfill AUC / worst NFR@1 per scheduler; and, per chain
+of model versions, the average compatibility and multi-model accuracy of its matrices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from compatzoo.experiment import format_table, run_experiment
+from compatzoo.experiment import run_experiment
+from compatzoo.report import format_table
 from compatzoo.specs import load_spec
 
 
@@ -34,12 +36,47 @@ def leaderboard_rows(results: dict) -> list[dict]:
             "n2n": table[f"n2n/{model}"][primary], "compatible": criterion["compatible"],
             "update_gain": criterion.get("update_gain"),
             "auc": {name: c["auc"][primary] for name, c in curves.items()},
-            "max_nfr@1": {name: max(c["nfr"]["1"]) if "1" in c.get("nfr", {}) else None
+            "max_nfr@1": {name: max((v for v in c.get("nfr", {}).get("1", []) if v is not None),
+                                    default=None)
                           for name, c in curves.items()},
             "oracle": [name for name, c in curves.items() if c.get("oracle")],
             "seconds": results["timing"]["total_s"],
         })
     return rows
+
+
+def chain_rows(results: dict) -> list[dict]:
+    """One row per chain of three or more generations: the matrices' summaries."""
+    rows = []
+    for leaf, chain in results["evaluation"].get("sequential", {}).items():
+        row = {"spec": results["experiment"], "chain": " -> ".join(chain["models"])}
+        for key in ("backfilled", "upgraded", "carried"):
+            if key in chain:
+                row[key] = {"average_compatibility": chain[key]["average_compatibility"],
+                            "average_multi_model_accuracy":
+                                chain[key]["average_multi_model_accuracy"]}
+        if "upgrade_path" in chain:
+            row["upgrade_path"] = chain["upgrade_path"]
+        rows.append(row)
+    return rows
+
+
+def chains_markdown(rows: list[dict]) -> str:
+    lines = ["| spec | chain | matrix | average compatibility | average multi-model accuracy |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        for key in ("backfilled", "upgraded", "carried"):
+            if key in r:
+                ac = r[key]["average_compatibility"]
+                lines.append(f"| {r['spec']} | {r['chain']} | {key} | "
+                             f"{'–' if ac is None else f'{100 * ac:.0f}%'} | "
+                             f"{pct(r[key]['average_multi_model_accuracy'])} |")
+        if "upgrade_path" in r:
+            path = r["upgrade_path"]
+            values = ", ".join(pct(step["value"]) for step in path["steps"])
+            lines.append(f"| {r['spec']} | {r['chain']} | upgrade path (BiCT eq. 2) | "
+                         f"{values} | {'increasing' if path['increasing'] else 'not increasing'} |")
+    return "\n".join(lines)
 
 
 def pct(value) -> str:
@@ -73,14 +110,17 @@ def main() -> None:
     if args.merge:
         merged = [json.loads((d / "leaderboard.json").read_text()) for d in args.merge]
         rows = sorted((r for m in merged for r in m["rows"]), key=lambda r: r["spec"])
+        chains = sorted((r for m in merged for r in m.get("chains", [])),
+                        key=lambda r: r["spec"])
         failures = {k: v for m in merged for k, v in m["failures"].items()}
-        write_leaderboard(rows, failures, "quick", args.leaderboard or Path("LEADERBOARD.md"))
+        write_leaderboard(rows, chains, failures, "quick",
+                          args.leaderboard or Path("LEADERBOARD.md"))
         return
     if args.suite is None:
         parser.error("give a suite folder, or --merge")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     specs = sorted(p for p in args.suite.glob("*.yaml") if not args.only or p.stem in args.only)
-    rows, failures = [], {}
+    rows, chains, failures = [], [], {}
     args.out.mkdir(parents=True, exist_ok=True)
     for path in specs:
         spec = load_spec(path)
@@ -93,17 +133,21 @@ def main() -> None:
             continue
         print(f"\n== {spec.name}\n{format_table(results['evaluation'])}", flush=True)
         rows.extend(leaderboard_rows(results))
+        chains.extend(chain_rows(results))
         (args.out / "leaderboard.json").write_text(
-            json.dumps({"rows": rows, "failures": failures}, indent=2))
-    write_leaderboard(rows, failures, args.suite.name,
+            json.dumps({"rows": rows, "chains": chains, "failures": failures}, indent=2))
+    write_leaderboard(rows, chains, failures, args.suite.name,
                       args.leaderboard or args.out / "LEADERBOARD.md")
     if failures:
         raise SystemExit(1)
 
 
-def write_leaderboard(rows: list[dict], failures: dict[str, str], suite: str,
-                      target: Path) -> None:
+def write_leaderboard(rows: list[dict], chains: list[dict], failures: dict[str, str],
+                      suite: str, target: Path) -> None:
     markdown = to_markdown(rows)
+    if chains:
+        markdown += ("\n\nSequential upgrades (one row per matrix of each chain; "
+                     "see the README's sequential section):\n\n" + chains_markdown(chains))
     failed = "".join(f"\n- {name}: {error}" for name, error in failures.items())
     target.write_text(f"# Leaderboard: {suite} suite (metric: "
                       f"{rows[0]['metric'] if rows else '-'}, in %)\n\n{markdown}\n"

@@ -44,7 +44,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool) -> int:
-    from compatzoo.experiment import format_table, run_experiment
+    from compatzoo.experiment import run_experiment
+    from compatzoo.report import format_table
     from compatzoo.specs import load_spec
 
     spec = load_spec(spec_source)
@@ -70,8 +71,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from compatzoo.specs import load_spec
 
+    from compatzoo.chains import previous_of, sequential_chains
+
     spec = load_spec(args.spec)
     print(f"{args.spec}: valid ({spec.name}: old + {len(spec.new)} new model(s))")
+    for chain in sequential_chains(previous_of(spec)):
+        print(f"  chain: {' -> '.join(chain)}")
     return 0
 
 

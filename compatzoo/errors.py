@@ -38,3 +38,7 @@ class CheckpointError(CompatzooError):
 
 class TrainingDivergedError(CompatzooError):
     """A loss became NaN or inf during training."""
+
+
+class InvalidArgumentError(CompatzooError):
+    """A retrieval argument (metric name, order, targets, ...) is not usable."""

@@ -184,12 +184,31 @@ def check_features(array: np.ndarray | torch.Tensor, dim: int | None, what: str)
 
 
 @dataclass
+class StoredGallery:
+    """What a gallery holds for its items at one model generation, without the images.
+
+    ``features`` live in the current generation's space; ``side`` is the side information
+    stored beside them (FCT), if any; ``previous`` is the copy one generation older, kept
+    for upgraders that read two generations (BiCT's momentum input, eq. 9).
+    """
+
+    features: torch.Tensor
+    side: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+
+@dataclass
 class UpgradeContext:
     """What an upgrader may learn from, once both encoders are trained and frozen.
 
     ``old_train`` holds only the images the old model was trained on: side-information
     models (FCT) must train there, since at old-model time nothing else existed.
     ``old_features`` / ``new_features`` are phi_old / phi_new of ``new_train`` (same order).
+
+    In a chain v1 -> v2 -> v3 the hop v2 -> v3 also gets ``previous_upgrader`` (the fitted
+    v1 -> v2 upgrader, e.g. to adopt the side model its g was trained for) and
+    ``stored_training_items()``: ``new_train`` as the stored gallery would hold it after
+    the earlier hops, for upgraders trained on chained inputs (BiCT, eq. 9).
     """
 
     old_train: Any                    # LabeledImages
@@ -204,6 +223,18 @@ class UpgradeContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: bool = True
+    previous_upgrader: GalleryUpgrader | None = None
+    replay_chain: Callable[[], StoredGallery] | None = None
+    _replayed: StoredGallery | None = field(default=None, init=False, repr=False)
+
+    def stored_training_items(self) -> StoredGallery:
+        """``new_train`` as stored at the previous generation (computed once, on demand);
+        on a first hop that is just ``old_features``."""
+        if self.replay_chain is None:
+            return StoredGallery(self.old_features)
+        if self._replayed is None:
+            self._replayed = self.replay_chain()
+        return self._replayed
 
 
 class GalleryUpgrader(nn.Module):
@@ -217,10 +248,28 @@ class GalleryUpgrader(nn.Module):
     input_dim: int
     output_dim: int
     side_dim: int = 0
+    #: whether ``advance`` moves the side information on to the next generation (FCT's g)
+    carries_side: bool = False
+    #: whether ``advance`` reads ``StoredGallery.previous``, a copy that must stay stored
+    reads_previous: bool = False
 
     def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
         """Learn the mapping; returns per-epoch logs. Nothing to learn by default."""
         return []
+
+    def advance(self, stored: StoredGallery, chunk_size: int = 65536) -> StoredGallery:
+        """Move a stored gallery one generation on, for chains v1 -> v2 -> v3.
+
+        By default the features are upgraded and the side information is dropped; upgraders
+        that carry side information on (FCT's g) or read older copies (BiCT's momentum
+        input) override this.
+        """
+        features = torch.from_numpy(self.upgrade(stored.features, stored.side, chunk_size))
+        return StoredGallery(features, None, stored.features)
+
+    def follows(self, previous: GalleryUpgrader) -> None:
+        """Raise before any training when this upgrader cannot take the hop after
+        ``previous`` in a chain (e.g. it would adopt a side model of another kind)."""
 
     def side_information(self, images: Any, batch_size: int = 512,
                          progress: bool = True) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""Plots of an experiment's evaluation: compatibility bars and backfill curves (PNG)."""
+"""An experiment's evaluation as text (the table the CLI prints) and as plots (PNG):
+compatibility bars, backfill curves and the matrices of model chains."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _percent(values: list[float | None]) -> list[float]:
+    """JSON null (undefined, e.g. NFR with no query right before) plots as a gap."""
+    return [float("nan") if v is None else 100 * v for v in values]
 
 
 def plot_compatibility_bars(evaluation: dict[str, Any], metric: str, path: str | Path,
@@ -27,10 +40,7 @@ def plot_compatibility_bars(evaluation: dict[str, Any], metric: str, path: str |
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(title or "compatibility")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_curves(evaluation: dict[str, Any], metric: str, directory: str | Path) -> list[Path]:
@@ -42,10 +52,10 @@ def plot_curves(evaluation: dict[str, Any], metric: str, directory: str | Path) 
         for scheduler, curve in by_scheduler.items():
             label = f"{scheduler} (AUC {100 * curve['auc'][metric]:.1f})"
             label += " [oracle]" if curve.get("oracle") else ""
-            ax_metric.plot(curve["fractions"], [100 * v for v in curve["metrics"][metric]],
+            ax_metric.plot(curve["fractions"], _percent(curve["metrics"][metric]),
                            marker="o", markersize=3, label=label)
             for k, values in curve.get("nfr", {}).items():
-                ax_nfr.plot(curve["fractions"], [100 * v for v in values], marker="o",
+                ax_nfr.plot(curve["fractions"], _percent(values), marker="o",
                             markersize=3, label=f"{scheduler} NFR@{k}")
         for key, style in (("o2o", ":"), (f"n2n/{model}", "--")):
             ax_metric.axhline(100 * table[key][metric], color="black", linestyle=style,
@@ -56,9 +66,105 @@ def plot_curves(evaluation: dict[str, Any], metric: str, directory: str | Path) 
                    title="negative flips vs o2o")
         ax_metric.legend(fontsize=8)
         ax_nfr.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(directory) / f"backfill_{model}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, Path(directory) / f"backfill_{model}.png"))
     return paths
+
+
+def plot_sequential(evaluation: dict[str, Any], directory: str | Path) -> list[Path]:
+    """``chain_<leaf>.png``: one heat map per matrix of a chain (percent, blank where the
+    query model is older than the gallery)."""
+    import numpy as np
+
+    paths = []
+    for leaf, chain in evaluation.get("sequential", {}).items():
+        keys = [k for k in ("backfilled", "upgraded", "carried") if k in chain]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            matrix = chain[key]
+            names = matrix["names"]
+            values = np.array([[np.nan if v is None else 100 * v for v in row]
+                               for row in matrix["values"]])
+            ax.imshow(np.ma.masked_invalid(values), cmap="viridis")
+            for (i, j), v in np.ndenumerate(values):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white",
+                            fontsize=8)
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(len(names)), names, fontsize=8)
+            ax.set(xlabel="gallery", ylabel="query",
+                   title=f"{key} ({matrix['metric']})\nAC "
+                   + ("-" if matrix["average_compatibility"] is None
+                      else f"{100 * matrix['average_compatibility']:.0f}%")
+                   + f", AMMA {100 * matrix['average_multi_model_accuracy']:.1f}")
+        paths.append(_save(fig, Path(directory) / f"chain_{leaf}.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------- text
+def format_table(evaluation: dict[str, Any]) -> str:
+    """A plain-text compatibility table: one row per (setting, model), one column per metric."""
+    metrics = evaluation["metrics"]
+    rows = [("setting", *metrics)]
+    for key, values in evaluation["table"].items():
+        rows.append((key, *(f"{100 * values[m]:.2f}" for m in metrics)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    primary = evaluation["primary"]
+    for name, entry in evaluation["criterion"].items():
+        gain = entry.get("update_gain")
+        lines.append(f"{name}: n2o > o2o on {primary} (BCT criterion): "
+                     f"{'yes' if entry['compatible'] else 'no'}"
+                     + (f"; update gain {gain:.3f}" if gain is not None else ""))
+    for name, cost in evaluation.get("upgrade_cost", {}).items():
+        lines.append(
+            f"{name} upgrade per gallery item: {cost['upgrade_macs_per_item'] / 1e6:.3f} MMACs vs "
+            f"{cost['reembed_macs_per_item'] / 1e6:.3f} MMACs to re-embed the image; stores "
+            f"{cost['stored_bytes_per_item']} B (side info {cost['side_bytes_per_item']} B"
+            + (f", previous copy {cost['previous_copy_bytes_per_item']} B"
+               if cost.get("previous_copy_bytes_per_item") else "") + ")")
+    for leaf, chain in evaluation.get("sequential", {}).items():
+        lines.append(f"chain {' -> '.join(chain['models'])} ({primary}):")
+        for key, caption in (("backfilled", "query model i vs gallery embedded by model j"),
+                             ("upgraded", "query model i vs the old gallery carried to "
+                                          "generation j (never re-embedded)"),
+                             ("carried", "query model i vs gallery embedded by model j, "
+                                         "carried to i")):
+            if key in chain:
+                lines += [f"  {key}: {caption}", *format_matrix(chain[key], indent=4)]
+        if "upgrade_path" in chain:
+            path = chain["upgrade_path"]
+            steps = ", ".join(f"{100 * s['value']:.2f}" for s in path["steps"])
+            lines.append(f"  upgrade path without re-embedding (BiCT eq. 2: must increase): "
+                         f"{steps}: {'holds' if path['increasing'] else 'does not hold'}")
+    for name, by_scheduler in evaluation.get("backfill", {}).items():
+        for scheduler, curve in by_scheduler.items():
+            auc = curve["auc"][primary]
+            nfr = curve.get("nfr", {})
+            nfr_text = ", ".join(f"NFR@{k} max {_worst(v)}" for k, v in nfr.items())
+            lines.append(f"backfill {name} ({scheduler}): AUC {primary} {100 * auc:.2f}"
+                         + (f"; {nfr_text}" if nfr_text else ""))
+    return "\n".join(lines)
+
+
+def format_matrix(matrix: dict[str, Any], indent: int = 0) -> list[str]:
+    """Rows of a compatibility matrix in percent, '-' where undefined, and its summaries."""
+    names = matrix["names"]
+    cells = [["query \\ gallery", *names]] + [
+        [name, *("-" if v is None or v != v else f"{100 * v:.2f}" for v in row)]
+        for name, row in zip(names, matrix["values"])]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    pad = " " * indent
+    lines = [pad + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    average = matrix["average_compatibility"]
+    lines.append(pad + "average compatibility "
+                 + ("-" if average is None else f"{100 * average:.1f}%")
+                 + f"; average multi-model accuracy "
+                 f"{100 * matrix['average_multi_model_accuracy']:.2f}")
+    return lines
+
+
+def _worst(values: list[float | None]) -> str:
+    """The largest defined value in percent (NFR is undefined where no query was right)."""
+    defined = [v for v in values if v is not None]
+    return f"{100 * max(defined):.2f}" if defined else "undefined"

@@ -121,8 +121,27 @@ class ModelSpec(BaseModel):
     train: TrainSpec = Field(default_factory=TrainSpec)
 
 
+class DirectUpgradeSpec(BaseModel):
+    """An extra upgrader into a model straight from an older generation, skipping the
+    chain between them (FCT's h_{1->3} against h3(h2(.), g2(.)))."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="'old' or an earlier new model whose gallery it maps")
+    upgrader: UpgraderSpec
+
+
 class NewModelSpec(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    previous: str = Field(
+        "old", description="the model this one follows: its compat losses read that model and "
+        "its upgrader maps that model's gallery ('old' or an earlier new model: chains "
+        "v1 -> v2 -> v3)")
+    stage: int | None = Field(
+        None, ge=1, description="which training set of the allocation this model sees (1 = the "
+        "second stage; sequential allocations have one stage per version); null = the last")
+    direct_upgrades: list[DirectUpgradeSpec] = Field(
+        default_factory=list, description="extra upgraders from an older generation straight "
+        "into this model, reported beside the chained one")
     losses: list[LossTermSpec] = Field(
         default_factory=lambda: [LossTermSpec(name="classification")], min_length=1)
     upgrader: UpgraderSpec | None = Field(
@@ -227,6 +246,22 @@ class ExperimentSpec(BaseModel):
                         f"new model '{model.name}': loss '{term.name}' needs samples of at least "
                         f"{needs_classes} classes in each batch (negatives), but batch_size is "
                         f"{model.train.batch_size}; raise new.train.batch_size")
+        for i, model in enumerate(self.new):
+            earlier = ["old", *names[:i]]
+            sources = [("previous", model.previous)] + [
+                (f"direct_upgrades[{k}].source", d.source)
+                for k, d in enumerate(model.direct_upgrades)]
+            for field, source in sources:
+                if source not in earlier:
+                    raise ValueError(
+                        f"new model '{model.name}': {field} '{source}' must be 'old' or a new "
+                        f"model listed before it ({earlier}); list models oldest first")
+            direct = [d.source for d in model.direct_upgrades]
+            if model.previous in direct or len(set(direct)) < len(direct):
+                raise ValueError(
+                    f"new model '{model.name}': each source gets one upgrader; the one from "
+                    f"'{model.previous}' (its previous model) is 'upgrader', so direct_upgrades "
+                    "must name other, distinct sources")
         paragon = self.evaluation.paragon
         if paragon is not None and paragon not in names:
             raise ValueError(f"evaluation.paragon '{paragon}' is not a new model; new models "

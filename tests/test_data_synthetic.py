@@ -43,6 +43,20 @@ def test_test_classes_are_unseen_in_training(small) -> None:
     assert set(small.train.labels).isdisjoint(small.gallery.labels)
 
 
+def test_seen_test_classes_are_new_images_of_training_objects(small) -> None:
+    seen = make_synthetic(SyntheticParams(**SMALL, test_classes="seen"))
+    np.testing.assert_array_equal(np.unique(seen.query.labels), [0, 2, 4, 6, 8])  # spread
+    np.testing.assert_array_equal(np.unique(seen.gallery.labels), [0, 2, 4, 6, 8])
+    assert torch.equal(seen.train.images, small.train.images)     # training set unchanged
+    gallery_of_0 = seen.gallery.images[seen.gallery.labels == 0]
+    train_of_0 = seen.train.images[seen.train.labels == 0]
+    assert not any(torch.equal(g, t) for g in gallery_of_0 for t in train_of_0)  # new views
+    assert SyntheticParams(**SMALL).content_hash() != SyntheticParams(
+        **SMALL, test_classes="seen").content_hash()
+    with pytest.raises(ValidationError, match="lower num_test_classes"):
+        SyntheticParams(**{**SMALL, "num_test_classes": 13}, test_classes="seen")
+
+
 def test_images_are_normalised_with_train_statistics(small) -> None:
     x, y = small.train.get_batch(np.arange(len(small.train)))
     assert x.dtype == torch.float32 and y.dtype == torch.int64

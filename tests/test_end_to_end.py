@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from compatzoo.experiment import format_table, run_experiment
+from compatzoo.experiment import run_experiment
+from compatzoo.report import format_table
 from compatzoo.specs import load_spec
 
 TINY_DATA = {"num_train_classes": 12, "num_test_classes": 6, "train_images_per_class": 16,

@@ -11,7 +11,7 @@ from torch import nn
 
 import compatzoo
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
-from compatzoo.interfaces import UpgradeContext
+from compatzoo.interfaces import StoredGallery, UpgradeContext
 from compatzoo.registry import get_registry
 from compatzoo_bict import BiCTMLP, BiCTMLPParams, momentum_input
 
@@ -100,3 +100,41 @@ def test_registered_through_the_entry_point_with_validated_params():
         compatzoo.create_upgrader("bict-mlp", input_dim=8, output_dim=4, hidden_dims=16)
     with pytest.raises(SpecError, match="optimizer"):
         compatzoo.create_upgrader("bict-mlp", input_dim=8, output_dim=4, optimizer="lbfgs")
+
+
+def test_a_chained_psi_upgrades_the_momentum_input_and_keeps_the_copy_it_replaces():
+    psi = compatzoo.create_upgrader("bict-mlp", input_dim=4, output_dim=4, hidden_dim=8).eval()
+    g = torch.Generator().manual_seed(0)
+    f0, f1 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    assert psi.reads_previous and psi.params.input_momentum == 0.5     # sec. 4.4 default
+    second = psi.advance(StoredGallery(f1, None, f0))                  # F_2 = psi(0.5 F_1 + 0.5 F_0)
+    assert torch.equal(second.features, torch.from_numpy(psi.upgrade(0.5 * f1 + 0.5 * f0)))
+    assert second.previous is f1 and second.side is None              # the one extra copy
+    first = psi.advance(StoredGallery(f0))                             # i = 1: F_0 alone
+    assert torch.equal(first.features, torch.from_numpy(psi.upgrade(f0)))
+    vanilla = compatzoo.create_upgrader("bict-mlp", input_dim=4, output_dim=4, hidden_dim=8,
+                                        input_momentum=0.0)
+    vanilla.load_state_dict(psi.state_dict())
+    assert not vanilla.reads_previous
+    assert torch.equal(vanilla.eval().advance(StoredGallery(f1, None, f0)).features,
+                       torch.from_numpy(psi.upgrade(f1)))
+
+
+def test_a_chained_psi_trains_on_the_training_items_as_the_chain_stores_them(monkeypatch):
+    import compatzoo_bict.upgrader as module
+
+    g = torch.Generator().manual_seed(0)
+    phi2, target = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    f0, f1 = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    seen = []
+    real_check = module.check_features
+    monkeypatch.setattr(module, "check_features",
+                        lambda x, dim, what: seen.append(x.clone()) or real_check(x, dim, what))
+    psi = compatzoo.create_upgrader("bict-mlp", input_dim=4, output_dim=4, hidden_dim=8,
+                                    epochs=1, batch_size=8)
+    calls = []
+    psi.fit(feature_context(phi2, target, replay_chain=lambda: calls.append(1) or
+                            StoredGallery(f1, None, f0)))
+    assert calls == [1] and torch.equal(seen[-1], 0.5 * f1 + 0.5 * f0)  # not phi_2(x)
+    psi.fit(feature_context(phi2, target))                               # a first hop: phi_1(x)
+    assert torch.equal(seen[-1], phi2)

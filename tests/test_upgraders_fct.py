@@ -16,7 +16,7 @@ import compatzoo
 from compatzoo.data.augment import BatchAugment
 from compatzoo.data.datasets import TensorImages
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, PluginError, SpecError
-from compatzoo.interfaces import UpgradeContext
+from compatzoo.interfaces import StoredGallery, UpgradeContext
 from compatzoo.registry import get_registry
 from compatzoo_fct import (SIDE_INFORMATION, FCTParams, FCTSideTransformation,
                            FCTTransformation, SideModelParams, linear_cka, nt_xent)
@@ -219,6 +219,43 @@ def test_side_transformation_chains_v1_to_v3():
     s1 = h2.side_information(images, progress=False)[:5].numpy()
     v3 = h3.upgrade(h2.upgrade(phi1, s1), g2.upgrade(phi1, s1))
     assert v3.shape == (5, 4) and np.isfinite(v3).all()
+
+
+def test_transform_side_learns_g_and_the_next_hop_reads_the_side_model_g_targets(tmp_path):
+    from compatzoo.engine.checkpoints import load_state, read_manifest, save_state
+
+    images = tiny_images()
+    kw = {"side_info": "alt-old", "side_info_dim": 6, "inner_dim": 16, "side_model": TINY_SIDE,
+          "epochs": 1, "batch_size": 8}
+    h2 = compatzoo.create_upgrader("fct-transformation", 6, 10, transform_side=True, **kw)
+    assert h2.carries_side and not fct("alt-old").carries_side
+    logs = h2.fit(image_context(images, d_old=6, d_new=10))
+    g2 = h2.side_transformation
+    assert any("g/next_side/loss" in log for log in logs)
+    assert g2.side_model is h2.side_model and bool(g2.next_side_model.fitted)
+
+    h3 = compatzoo.create_upgrader("fct-transformation", 10, 4, **kw)
+    h3.fit(context(torch.randn(24, 10), torch.randn(24, 4), images, previous_upgrader=h2))
+    assert h3.side_model is g2.next_side_model            # psi_2: what g2 maps psi_1 to
+
+    phi1 = torch.rand(5, 6)
+    s1 = h2.side_information(images, progress=False)[:5]
+    v2 = h2.eval().advance(StoredGallery(phi1, s1))
+    assert torch.equal(v2.features, torch.from_numpy(h2.upgrade(phi1, s1)))
+    assert torch.equal(v2.side, torch.from_numpy(g2.upgrade(phi1, s1)))
+    v3 = h3.eval().advance(v2)
+    assert torch.equal(v3.features, torch.from_numpy(h3.upgrade(h2.upgrade(phi1, s1),
+                                                                g2.upgrade(phi1, s1))))
+    assert v3.side is None                                # h3 learned no g: the chain ends
+
+    save_state(tmp_path, {"upgrader": h2}, {})            # g shares psi_1 with h: stored once
+    aliases = read_manifest(tmp_path)["aliases"]
+    assert aliases and all(k.startswith("upgrader.side_transformation.side_model.")
+                           for k in aliases)
+    loaded = compatzoo.create_upgrader("fct-transformation", 6, 10, transform_side=True, **kw)
+    load_state(tmp_path, {"upgrader": loaded})
+    again = loaded.eval().advance(StoredGallery(phi1, s1))
+    assert torch.equal(again.features, v2.features) and torch.equal(again.side, v2.side)
 
 
 def test_side_transformation_needs_learned_side_information():

@@ -8,8 +8,10 @@ come in families whose members share all but a few parts, so the benchmark has
 fine-grained confusions and rewards more data and capacity (an old model trained on 30%
 of the data with a narrow CNN is clearly weaker than a wider one trained on all of it).
 
-Query/gallery classes are disjoint from the training classes (unseen objects, as in
-GLDv2 or SOP retrieval). Rendering is vectorised in torch and deterministic from the
+Query/gallery classes are by default disjoint from the training classes (unseen objects,
+as in GLDv2 or SOP retrieval); ``test_classes: seen`` draws them from the training classes
+instead (new images of known objects: the closed-set protocol of FCT/FastFill on
+ImageNet and CIFAR-100, where a classifier head can score gallery items). Rendering is vectorised in torch and deterministic from the
 seed; results can be cached as safetensors keyed by a hash of the parameters.
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -56,6 +60,10 @@ class SyntheticParams(BaseModel):
     gallery_per_class: int = Field(20, ge=1)
     image_size: int = Field(32, ge=8, le=512)
     seed: int = 0
+    test_classes: Literal["unseen", "seen"] = Field(
+        "unseen", description="unseen: query/gallery objects never appear in training "
+        "(open set); seen: new images of num_test_classes training objects, spread evenly "
+        "over the class list (closed set)")
     # Difficulty knobs.
     family_size: int = Field(4, ge=1, description="classes per family of look-alike objects")
     mutations: int = Field(1, ge=1, description="parts re-drawn per class within a family")
@@ -75,11 +83,17 @@ class SyntheticParams(BaseModel):
     def _check_parts(self) -> SyntheticParams:
         if self.min_parts > self.max_parts:
             raise ValueError(f"min_parts ({self.min_parts}) must not exceed max_parts ({self.max_parts})")
+        if self.test_classes == "seen" and self.num_test_classes > self.num_train_classes:
+            raise ValueError(f"test_classes 'seen' takes the {self.num_test_classes} test classes "
+                             f"from the {self.num_train_classes} training classes; lower "
+                             "num_test_classes")
         return self
 
     def content_hash(self) -> str:
         """Hash of everything that determines the images (not where they are cached)."""
         payload = self.model_dump(mode="json", exclude={"cache_dir"})
+        if self.test_classes == "unseen":  # the original protocol keeps its cache key
+            del payload["test_classes"]
         payload["generator_version"] = GENERATOR_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -293,7 +307,10 @@ def _render(
 def _generate(p: SyntheticParams) -> dict[str, torch.Tensor]:
     class_parts, count = _sample_classes(p, _generator(p.seed, 0))
     train_labels = torch.arange(p.num_train_classes).repeat_interleave(p.train_images_per_class)
-    test_ids = torch.arange(p.num_test_classes) + p.num_train_classes
+    if p.test_classes == "seen":  # known objects, evenly spread over the class list
+        test_ids = torch.arange(p.num_test_classes) * (p.num_train_classes // p.num_test_classes)
+    else:
+        test_ids = torch.arange(p.num_test_classes) + p.num_train_classes
     per_class = p.query_per_class + p.gallery_per_class
     test_labels = test_ids.repeat_interleave(per_class)
     is_query = (torch.arange(len(test_labels)) % per_class) < p.query_per_class

@@ -34,12 +34,22 @@ def save_state(directory: str | Path, modules: dict[str, nn.Module], config: dic
     """Save ``{prefix: module}`` weights into one safetensors file + ``config.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {f"{prefix}.{key}": tensor.detach().cpu().contiguous()
-             for prefix, module in modules.items()
-             for key, tensor in module.state_dict().items()}
+    state: dict[str, Any] = {}
+    aliases: dict[str, str] = {}   # a submodule shared by two owners is stored once
+    first_key: dict[tuple, str] = {}
+    for prefix, module in modules.items():
+        for key, tensor in module.state_dict().items():
+            name = f"{prefix}.{key}"
+            identity = (tensor.device, tensor.data_ptr(), tuple(tensor.shape),
+                        tuple(tensor.stride()), tensor.dtype)
+            if tensor.numel() and identity in first_key:
+                aliases[name] = first_key[identity]
+                continue
+            first_key.setdefault(identity, name)
+            state[name] = tensor.detach().cpu().contiguous()
     shapes = {key: list(t.shape) for key, t in state.items()}
     _atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    manifest = {**config, "tensors": shapes}
+    manifest = {**config, "tensors": shapes, **({"aliases": aliases} if aliases else {})}
     _atomic_write(directory / MANIFEST,
                   lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     return directory
@@ -64,6 +74,11 @@ def load_state(directory: str | Path, modules: dict[str, nn.Module]) -> dict[str
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {directory / WEIGHTS} ({exc}); the file is missing "
                               "or corrupt: re-create or re-download the checkpoint") from None
+    for alias, key in manifest.get("aliases", {}).items():
+        if key not in state:
+            raise CheckpointError(f"{MANIFEST} says {alias} is stored as {key}, which the "
+                                  "weights lack; the checkpoint is corrupt")
+        state[alias] = state[key]
     expected = manifest.get("tensors", {})
     for key, tensor in state.items():
         if key in expected and list(tensor.shape) != expected[key]:

@@ -67,7 +67,7 @@ class CompatibilityMatrix:
     def to_markdown(self) -> str:
         header = f"| query \\ gallery ({self.metric}) | " + " | ".join(self.names) + " |"
         lines = [header, "|" + "---|" * (len(self.names) + 1)]
-        lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+        lines += [f"| {name} | " + " | ".join("-" if math.isnan(v) else f"{v:.4f}" for v in row) + " |"
                   for name, row in zip(self.names, self.values)]
         return "\n".join(lines)
 

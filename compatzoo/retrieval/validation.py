@@ -13,17 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compatzoo.errors import CompatzooError, DimensionMismatchError, InvalidFeaturesError
+from compatzoo.errors import (DimensionMismatchError, InvalidArgumentError,
+                              InvalidFeaturesError)
 
 ArrayLike = np.ndarray | torch.Tensor
 
 #: Rows scanned at a time when checking features, so the check needs no full-size temporary.
 _CHECK_ROWS = 65536
 _SHOW = 5
-
-
-class InvalidArgumentError(CompatzooError):
-    """A retrieval argument (metric name, order, targets, ...) is not usable."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Step 2 of BiCT: with both encoders frozen, an MLP maps stored old gallery embeddings
 towards the new space, trained on old features of the training set only with the cosine
-regression ``mean(1 - cos(psi(phi_old(x)), phi_new(x)))``.
+regression ``mean(1 - cos(psi(phi_old(x)), phi_new(x)))``. In a chain of upgrades psi_i
+reads the momentum input of eq. 9, on the training items and on the gallery alike.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pydantic import Field
 from torch import nn
 
 from compatzoo.gallery import FitRecipe, check_fit_context, fit_minibatches
-from compatzoo.interfaces import GalleryUpgrader, UpgradeContext
+from compatzoo.interfaces import (GalleryUpgrader, StoredGallery, UpgradeContext,
+                                  check_features)
+
+from compatzoo_bict.sequential import momentum_input
 
 
 class BiCTMLPParams(FitRecipe):
@@ -32,6 +36,10 @@ class BiCTMLPParams(FitRecipe):
     momentum: float = Field(0.9, ge=0, lt=1, description="table 7: 0.9")
     weight_decay: float = Field(1e-4, ge=0, description="table 7: 1e-4")
     warmup_epochs: float = Field(1.0, ge=0, description="table 7: 1 warm-up epoch, then cosine")
+    input_momentum: float = Field(
+        0.5, ge=0, le=1, description="m of eq. 9: from the second upgrade of a chain on, psi "
+        "reads (1 - m) F_(i-1) + m F_(i-2) (sec. 4.4: 0.5; 0 is vanilla sequential BiCT). "
+        "No effect on a first upgrade")
 
 
 def mlp_layers(input_dim: int, hidden_dim: int, output_dim: int,
@@ -56,14 +64,33 @@ class BiCTMLP(GalleryUpgrader):
         self.mlp = nn.Sequential(*mlp_layers(input_dim, self.params.hidden_dim, output_dim,
                                              self.params.hidden_layers))
 
+    @property
+    def reads_previous(self) -> bool:
+        """Eq. 9 keeps one more stored gallery copy when m > 0."""
+        return self.params.input_momentum > 0
+
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(old)
 
+    def momentum_input(self, stored: StoredGallery) -> torch.Tensor:
+        """F_0 on a first upgrade, else ``(1 - m) F_(i-1) + m F_(i-2)`` (eq. 9)."""
+        history = [stored.features] if stored.previous is None or not self.reads_previous \
+            else [stored.previous, stored.features]
+        return momentum_input(history, self.params.input_momentum)
+
+    def advance(self, stored: StoredGallery, chunk_size: int = 65536) -> StoredGallery:
+        features = self.upgrade(self.momentum_input(stored), None, chunk_size)
+        return StoredGallery(torch.from_numpy(features), None, stored.features)
+
     def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
-        """Cosine regression towards the frozen new features (BiCT step 2)."""
+        """Cosine regression towards the frozen new features (BiCT step 2). In a chain the
+        inputs are the training items as the chain stores them (F_(i-1), and F_(i-2) for
+        the momentum input), not phi_(i-1) of the images: that is what psi_i will meet."""
         check_fit_context(context, self.input_dim, self.output_dim)
         self.to(context.device)
-        old = context.old_features.to(context.device, torch.float32)
+        old = self.momentum_input(context.stored_training_items()).to(context.device,
+                                                                      torch.float32)
+        check_features(old, self.input_dim, "psi's training inputs (as the chain stores them)")
         new = context.new_features.to(context.device, torch.float32)
 
         def batch_loss(index: torch.Tensor, _: torch.Generator) -> torch.Tensor:

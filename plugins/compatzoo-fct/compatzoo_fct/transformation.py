@@ -14,7 +14,8 @@ from torch import nn
 
 from compatzoo.errors import InvalidFeaturesError, SpecError
 from compatzoo.gallery import FitRecipe, check_fit_context, fit_minibatches
-from compatzoo.interfaces import GalleryUpgrader, UpgradeContext, check_features
+from compatzoo.interfaces import (GalleryUpgrader, StoredGallery, UpgradeContext,
+                                  check_features)
 
 from compatzoo_fct.side_info import (SIDE_INFORMATION, LearnedSide, SideInfoName,
                                      SideInformation, SideModelParams)
@@ -45,6 +46,11 @@ class FCTParams(FitRecipe):
     warmup_epochs: float = Field(5.0, ge=0, description="ml-fct: 5")
     freeze_bn_from: float | None = Field(0.5, ge=0, le=1, description="ml-fct "
                                          "switch_mode_to_eval: eval mode from half the epochs on")
+    transform_side: bool = Field(
+        False, description="also learn g (sec. 4.4): the next version's side model psi_(i+1) "
+        "on this version's training set and g(phi_i, psi_i) -> psi_(i+1), so the side "
+        "information moves on with the embeddings; needed when a later upgrader of the chain "
+        "reads side information")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -108,6 +114,14 @@ class FCTTransformation(GalleryUpgrader):
                             "set params.side_info_dim instead")
         self.net = FCTNet(input_dim, self.side_model.input_dim, output_dim,
                           self.params.inner_dim, self.extra_outputs)
+        self.side_transformation = (
+            FCTSideTransformation(self.params.model_copy(update={"transform_side": False}),
+                                  input_dim)
+            if self.params.transform_side else None)
+
+    @property
+    def carries_side(self) -> bool:
+        return self.side_transformation is not None
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(old, self.side_model.branch_input(old, side))
@@ -122,22 +136,57 @@ class FCTTransformation(GalleryUpgrader):
     def adopt_side_model(self, side_model: SideInformation) -> None:
         """Use a trained side model, e.g. ``g.next_side_model`` of the previous hop of a
         chain, so that h_{i+1} reads the psi_i the gallery's side information came from."""
+        self._check_adoptable(side_model)
+        if not bool(side_model.fitted):
+            raise SpecError("the side model to adopt is not trained yet")
+        self.side_model = side_model
+
+    def _check_adoptable(self, side_model: SideInformation) -> None:
         mine = self.side_model
         if type(side_model) is not type(mine) or side_model.input_dim != mine.input_dim:
             raise SpecError(f"cannot adopt a {type(side_model).__name__} of width "
                             f"{side_model.input_dim}: this upgrader was built for a "
                             f"{type(mine).__name__} of width {mine.input_dim}")
-        if not bool(side_model.fitted):
-            raise SpecError("the side model to adopt is not trained yet")
-        self.side_model = side_model
+
+    def _side_model_to_adopt(self, previous: GalleryUpgrader | None) -> SideInformation | None:
+        """psi_i from the previous hop's g, when it has one and this h learns side info."""
+        carried = getattr(previous, "side_transformation", None)
+        if carried is None or not isinstance(self.side_model, LearnedSide):
+            return None
+        return carried.next_side_model
+
+    def follows(self, previous: GalleryUpgrader) -> None:
+        side_model = self._side_model_to_adopt(previous)
+        if side_model is not None:
+            self._check_adoptable(side_model)
+
+    def advance(self, stored: StoredGallery, chunk_size: int = 65536) -> StoredGallery:
+        """h for the embeddings and, with ``transform_side``, g for the side information."""
+        features = torch.from_numpy(self.upgrade(stored.features, stored.side, chunk_size))
+        side = None
+        if self.side_transformation is not None:
+            side = torch.from_numpy(
+                self.side_transformation.upgrade(stored.features, stored.side, chunk_size))
+        return StoredGallery(features, side, stored.features)
 
     def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
-        """Side model on old_train (if not trained yet), then h on new_train."""
+        """Side model on old_train (if not trained yet), then h on new_train, then g.
+
+        In a chain, psi_i is the side model the previous hop's g was trained to produce,
+        so the side information the chain carries is the kind h was trained on."""
         check_fit_context(context, self.input_dim, self.output_dim)
         loss = self.mapping_loss(context)
+        adopted = self._side_model_to_adopt(context.previous_upgrader)
+        if adopted is not None and not bool(self.side_model.fitted):
+            self.adopt_side_model(adopted)
         logs = self.fit_side_model(context)
         side = self.side_model.extract(context.new_train, progress=context.progress)
-        return logs + self.fit_mapping(context, side, context.new_features, loss)
+        logs += self.fit_mapping(context, side, context.new_features, loss)
+        if self.side_transformation is not None:
+            self.side_transformation.adopt_side_model(self.side_model)
+            logs += [{f"g/{k}": v for k, v in log.items()}
+                     for log in self.side_transformation.fit(context)]
+        return logs
 
     def mapping_loss(self, context: UpgradeContext) -> MappingLoss:
         """``(net output, target, labels) -> loss``: the reference's nn.MSELoss, the mean
