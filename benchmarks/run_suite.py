@@ -42,6 +42,11 @@ def leaderboard_rows(results: dict) -> list[dict]:
             "oracle": [name for name, c in curves.items() if c.get("oracle")],
             "seconds": results["timing"]["total_s"],
         })
+        # other galleries for the same model: chained from the previous version, direct
+        # hops and alternative upgraders (n2u/<model>/<label>)
+        for key in (k for k in table if k.startswith(f"n2u/{model}/")):
+            rows.append({**rows[-1], "model": key.removeprefix("n2u/"),
+                         "n2u": table[key][primary], "auc": {}, "max_nfr@1": {}, "oracle": []})
     return rows
 
 

@@ -36,13 +36,17 @@ class Hop:
     source: str
     target: str
     upgrader: GalleryUpgrader
-    direct: bool = False          # an extra hop that skips the chain (FCT's h_{1->3})
+    alias: str | None = None      # set on an extra hop outside the chain (direct_upgrades)
     history: list[dict[str, float]] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
 
     @property
+    def direct(self) -> bool:
+        return self.alias is not None
+
+    @property
     def label(self) -> str:
-        return f"{self.target}/direct-from-{self.source}" if self.direct else self.target
+        return f"{self.target}/{self.alias}" if self.alias else self.target
 
 
 def build_upgrader(spec: UpgraderSpec, input_dim: int, output_dim: int) -> GalleryUpgrader:
@@ -97,7 +101,7 @@ class Generations:
     previous: dict[str, str]
     embeddings: dict[str, Any]                     # name -> Embeddings (query, gallery)
     hops: dict[str, Hop] = field(default_factory=dict)            # by target
-    direct: dict[tuple[str, str], Hop] = field(default_factory=dict)  # (target, source)
+    direct: dict[tuple[str, str], Hop] = field(default_factory=dict)  # (target, alias)
     gallery_side: Callable[[Hop], torch.Tensor | None] = lambda hop: None
     _carried: dict[tuple[str, str], list[StoredGallery]] = field(default_factory=dict,
                                                                   repr=False)
@@ -140,7 +144,7 @@ def check_upgrade_chains(spec: ExperimentSpec, dims: dict[str, int]) -> None:
                     model.upgrader, dims[model.previous], dims[model.name]))
             for entry in model.direct_upgrades:
                 direct.append(Hop(entry.source, model.name, build_upgrader(
-                    entry.upgrader, dims[entry.source], dims[model.name]), direct=True))
+                    entry.upgrader, dims[entry.source], dims[model.name]), entry.label))
         except CompatzooError as exc:
             raise SpecError(f"new model '{model.name}': cannot build its upgrader: {exc}") from None
 

@@ -136,22 +136,22 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
         timing[f"train_{name}_s"] = time.perf_counter() - tick
         models[name] = trained
         gens.embeddings[name] = _embed(trained, data, batch, device, progress)
-        fits = ([(model_spec.previous, model_spec.upgrader, False)] if model_spec.upgrader
-                else []) + [(d.source, d.upgrader, True) for d in model_spec.direct_upgrades]
-        for source, upgrader_spec, direct in fits:
+        fits = ([(model_spec.previous, model_spec.upgrader, None)] if model_spec.upgrader
+                else []) + [(d.source, d.upgrader, d.label) for d in model_spec.direct_upgrades]
+        for source, upgrader_spec, alias in fits:
             tick = time.perf_counter()
-            hop = fit_hop(upgrader_spec, source, name, direct, models, train_sets, gens,
+            hop = fit_hop(upgrader_spec, source, name, alias, models, train_sets, gens,
                           augment, device, seed, batch, progress)
             if save_checkpoints:
-                folder = "upgrader" if not direct else f"upgrader-from-{source}"
+                folder = "upgrader" if alias is None else f"upgrader-{alias}"
                 save_state(out / "checkpoints" / name / folder, {"upgrader": hop.upgrader},
                            {"role": "upgrader", "source": source, "target": name,
                             "upgrader": upgrader_spec.model_dump(mode="json"),
                             "input_dim": hop.upgrader.input_dim,
                             "output_dim": hop.upgrader.output_dim,
                             "side_dim": hop.upgrader.side_dim})
-            if direct:
-                gens.direct[(name, source)] = hop
+            if alias is not None:
+                gens.direct[(name, alias)] = hop
             else:
                 gens.hops[name] = hop
             timing[f"upgrade_{hop.label}_s"] = time.perf_counter() - tick
@@ -244,7 +244,7 @@ def check_new_training_sets(spec: ExperimentSpec, train_sets: dict[str, Any]) ->
                             f"{model.train.batch_size}; lower new.train.batch_size")
 
 
-def fit_hop(spec: UpgraderSpec, source: str, target: str, direct: bool,
+def fit_hop(spec: UpgraderSpec, source: str, target: str, alias: str | None,
             models: dict[str, TrainedModel], train_sets: dict[str, Any], gens: Generations,
             augment, device, seed: int, batch: int, progress: bool) -> Hop:
     """Fit an upgrader from ``source``'s gallery into ``target``'s space on ``target``'s
@@ -253,7 +253,7 @@ def fit_hop(spec: UpgraderSpec, source: str, target: str, direct: bool,
     src, tgt = models[source], models[target]
     new_train = train_sets[target]
     upgrader = build_upgrader(spec, src.encoder.embedding_dim, tgt.encoder.embedding_dim)
-    hop = Hop(source, target, upgrader, direct=direct)
+    hop = Hop(source, target, upgrader, alias)
     features: dict[str, torch.Tensor] = {}
 
     def phi(name: str) -> torch.Tensor:
@@ -327,7 +327,7 @@ def evaluate_upgrade(spec: ExperimentSpec, data, gens: Generations,
         if previous != ROOT and name in gens.hops:
             table[f"n2u/{name}/from-{previous}"] = score(
                 query, gens.carried_gallery(previous, name)[-1].features)
-        for (target, source), hop in gens.direct.items():
+        for (target, _), hop in gens.direct.items():
             if target == name:
                 table[f"n2u/{hop.label}"] = score(query, gens.direct_gallery(hop).features)
         table[f"n2n/{name}"] = score(query, emb[name].gallery)
@@ -392,14 +392,14 @@ def backfill_curves(spec: ExperimentSpec, gens: Generations, models: dict[str, T
         for sched_spec in backfill.schedulers:
             scheduler = registry.get("scheduler", sched_spec.name).factory(
                 sched_spec.params_model())
+            label = backfill.label(sched_spec)
             order = scheduler.order(state, seed=spec.seed)
             curve = backfill_curve(emb.query, before, emb.gallery, q_labels, g_labels, order,
                                    points=backfill.points, metrics=metrics,
                                    query_old=old.query, nfr_k=tuple(backfill.nfr_k),
                                    leave_one_out=loo,
                                    reference_gallery=old.gallery)
-            curves[name][sched_spec.name] = {**curve.to_dict(),
-                                             "oracle": type(scheduler).is_oracle}
+            curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
     return curves
 
 

@@ -60,6 +60,9 @@ class RandomScheduler(BackfillScheduler):
 
 class OracleDistanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    normalize: bool = Field(
+        False, description="compare L2-normalised embeddings (the angular error cosine "
+        "retrieval sees) instead of FastFill's raw distance")
 
 
 class OracleDistanceScheduler(BackfillScheduler):
@@ -85,7 +88,14 @@ class OracleDistanceScheduler(BackfillScheduler):
                 f"the oracle-distance scheduler compares new embeddings (dim {new.shape[1]}) "
                 f"with the stored ones (dim {stored.shape[1]}); give GalleryState.upgraded, "
                 "the upgrader's output in the new space")
-        return descending_order(np.linalg.norm(new - np.asarray(stored, np.float32), axis=1))
+        stored = np.asarray(stored, np.float32)
+        if self.params.normalize:
+            new, stored = _unit_rows(new), _unit_rows(stored)
+        return descending_order(np.linalg.norm(new - stored, axis=1))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------- scheduler helpers

@@ -122,12 +122,19 @@ class ModelSpec(BaseModel):
 
 
 class DirectUpgradeSpec(BaseModel):
-    """An extra upgrader into a model straight from an older generation, skipping the
-    chain between them (FCT's h_{1->3} against h3(h2(.), g2(.)))."""
+    """An extra upgrader into a model, reported beside its chain's: straight from an older
+    generation (FCT's h_{1->3} against h3(h2(.), g2(.))), or another upgrader from the
+    previous model (e.g. the same h without side information, on the same new model)."""
 
     model_config = ConfigDict(extra="forbid")
     source: str = Field(description="'old' or an earlier new model whose gallery it maps")
     upgrader: UpgraderSpec
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="label in reports; default direct-from-<source>")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"direct-from-{self.source}"
 
 
 class NewModelSpec(ModelSpec):
@@ -140,8 +147,9 @@ class NewModelSpec(ModelSpec):
         None, ge=1, description="which training set of the allocation this model sees (1 = the "
         "second stage; sequential allocations have one stage per version); null = the last")
     direct_upgrades: list[DirectUpgradeSpec] = Field(
-        default_factory=list, description="extra upgraders from an older generation straight "
-        "into this model, reported beside the chained one")
+        default_factory=list, description="extra upgraders into this model (from an older "
+        "generation, skipping the chain, or alternatives from the previous model), reported "
+        "beside the chain's")
     losses: list[LossTermSpec] = Field(
         default_factory=lambda: [LossTermSpec(name="classification")], min_length=1)
     upgrader: UpgraderSpec | None = Field(
@@ -174,6 +182,21 @@ class BackfillSpec(BaseModel):
         default_factory=lambda: [SchedulerSpec(name="random")], min_length=1)
     models: list[str] | None = Field(None, description="new models to curve; null = all")
     nfr_k: list[int] = Field(default_factory=lambda: [1])
+
+    @model_validator(mode="after")
+    def _distinct_schedulers(self) -> "BackfillSpec":
+        labels = [self.label(s) for s in self.schedulers]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"backfill.schedulers lists {repeated} more than once")
+        return self
+
+    def label(self, scheduler: SchedulerSpec) -> str:
+        """The scheduler's name, with its params when the list has it more than once."""
+        if [s.name for s in self.schedulers].count(scheduler.name) == 1:
+            return scheduler.name
+        params = ",".join(f"{k}={v}" for k, v in sorted(scheduler.params.items()))
+        return f"{scheduler.name}({params})"
 
 
 class EvaluationSpec(BaseModel):
@@ -256,12 +279,11 @@ class ExperimentSpec(BaseModel):
                     raise ValueError(
                         f"new model '{model.name}': {field} '{source}' must be 'old' or a new "
                         f"model listed before it ({earlier}); list models oldest first")
-            direct = [d.source for d in model.direct_upgrades]
-            if model.previous in direct or len(set(direct)) < len(direct):
+            labels = [d.label for d in model.direct_upgrades]
+            if len(set(labels)) < len(labels):
                 raise ValueError(
-                    f"new model '{model.name}': each source gets one upgrader; the one from "
-                    f"'{model.previous}' (its previous model) is 'upgrader', so direct_upgrades "
-                    "must name other, distinct sources")
+                    f"new model '{model.name}': direct_upgrades labels {labels} repeat; give "
+                    "each entry from the same source its own name")
         paragon = self.evaluation.paragon
         if paragon is not None and paragon not in names:
             raise ValueError(f"evaluation.paragon '{paragon}' is not a new model; new models "

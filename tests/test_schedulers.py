@@ -112,11 +112,20 @@ def test_oracle_distance_orders_by_distance_to_the_new_embedding():
     new = np.array([[0.0, 0], [0, 0], [0, 0], [0, 0]], np.float32)
     old = np.array([[1.0, 0], [3, 4], [0, 0], [0, 2]], np.float32)       # distances 1, 5, 0, 2
     upgraded = np.array([[0.0, 9], [0, 0], [0, 1], [0, 0]], np.float32)  # distances 9, 0, 1, 0
-    oracle = OracleDistanceScheduler()
+    oracle = OracleDistanceScheduler()                                # FastFill: raw distance
     assert oracle.is_oracle and not compatzoo.create_scheduler("random").is_oracle
     assert oracle.order(GalleryState(old, new_features=new)).tolist() == [1, 3, 0, 2]
     with_upgraded = GalleryState(old, new_features=new, upgraded=upgraded)
     assert oracle.order(with_upgraded).tolist() == [0, 2, 1, 3]
+
+
+def test_oracle_distance_can_measure_the_angle_cosine_retrieval_sees():
+    new = np.array([[1.0, 0], [1, 0], [1, 0]], np.float32)
+    stored = np.array([[10.0, 0], [0, 0.5], [1, 1]], np.float32)  # raw: 9, 1.1, 1; angle: 0, 90, 45
+    state = GalleryState(stored, new_features=new)
+    assert OracleDistanceScheduler().order(state).tolist() == [0, 1, 2]
+    angular = compatzoo.create_scheduler("oracle-distance", normalize=True)
+    assert angular.order(state).tolist() == [1, 2, 0]
 
 
 def test_oracle_distance_needs_comparable_embeddings():

@@ -47,7 +47,10 @@ CHAINS = [
     {"name": "v3-fct", "previous": "v2-fct",
      "upgrader": {"name": "fct-transformation", "params": FCT},
      "direct_upgrades": [{"source": "old",
-                          "upgrader": {"name": "fct-transformation", "params": FCT}}]},
+                          "upgrader": {"name": "fct-transformation", "params": FCT}},
+                         {"source": "v2-fct", "name": "no-side", "upgrader": {
+                             "name": "fct-transformation",
+                             "params": {**FCT, "side_info": "none"}}}]},
 ]
 
 
@@ -109,13 +112,16 @@ def test_matrices_agree_with_the_lifecycle_table(chains):
         assert path["increasing"] == all(b > a for a, b in zip(values, values[1:]))
 
     assert "n2u/v3-fct/direct-from-old" in evaluation["table"]
+    assert "n2u/v3-fct/no-side" in evaluation["table"]      # an alternative on the same model
     assert "n2u/v3-bct" not in evaluation["table"]
 
 
 def test_costs_include_the_carried_side_information_and_the_momentum_copy(chains):
     _, results = chains
     cost = results["evaluation"]["upgrade_cost"]
-    assert set(cost) == {"v2-bict", "v3-bict", "v2-fct", "v3-fct", "v3-fct/direct-from-old"}
+    assert set(cost) == {"v2-bict", "v3-bict", "v2-fct", "v3-fct", "v3-fct/direct-from-old",
+                         "v3-fct/no-side"}
+    assert cost["v3-fct/no-side"]["side_bytes_per_item"] == 0
     assert cost["v2-bict"]["previous_copy_bytes_per_item"] == 0
     assert cost["v3-bict"]["previous_copy_bytes_per_item"] == 4 * 8      # eq. 9 keeps F_(i-2)
     assert cost["v3-fct"]["side_bytes_per_item"] == 4 * 4               # g carried psi_2
@@ -127,7 +133,7 @@ def test_outputs_reach_the_user(chains):
     out, results = chains
     for leaf in ("v3-bct", "v3-bict", "v3-fct"):
         assert (out / f"chain_{leaf}.png").stat().st_size > 0
-    assert (out / "checkpoints" / "v3-fct" / "upgrader-from-old" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "v3-fct" / "upgrader-direct-from-old" / "model.safetensors").is_file()
     assert "v3-fct/direct-from-old/upgrader" in results["training"]
     text = format_table(results["evaluation"])
     assert "chain old -> v2-fct -> v3-fct" in text and "average multi-model accuracy" in text
@@ -145,8 +151,8 @@ def test_chain_fields_are_validated_with_their_path():
     assert "previous 'v9' must be 'old' or a new model listed before it" in broken(
         lambda n: n[1].update(previous="v9"))
     assert "listed before it" in broken(lambda n: n.reverse())
-    assert "direct_upgrades must name other" in broken(lambda n: n[1].update(
-        direct_upgrades=[{"source": "v2-bct", "upgrader": "identity"}]))
+    assert "labels ['direct-from-old', 'direct-from-old'] repeat" in broken(
+        lambda n: n[1].update(direct_upgrades=[{"source": "old", "upgrader": "identity"}] * 2))
     assert "stage" in broken(lambda n: n[0].update(stage=0))
 
 

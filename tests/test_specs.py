@@ -102,3 +102,14 @@ def test_cli_prints_the_message_and_exits_2_without_traceback(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "compatzoo.cli", "--debug", "validate",
                             str(path)], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_scheduler_listed_twice_is_labelled_by_its_params_and_exact_repeats_are_errors():
+    from compatzoo.specs import BackfillSpec
+
+    backfill = BackfillSpec(schedulers=[
+        "random", "oracle-distance", {"name": "oracle-distance", "params": {"normalize": True}}])
+    assert [backfill.label(s) for s in backfill.schedulers] == [
+        "random", "oracle-distance(normalize=False)", "oracle-distance(normalize=True)"]
+    with pytest.raises(ValueError, match=r"lists \['random\(\)'\] more than once"):
+        BackfillSpec(schedulers=["random", "random"])
