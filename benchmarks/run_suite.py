@@ -106,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", type=Path, nargs="?")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
-                        help="combine the leaderboard.json of earlier runs instead of running")
+                        help="combine the leaderboard.json of earlier runs instead of running; "
+                        "a spec's rows come from the last run listed that has it")
     parser.add_argument("--only", nargs="*", help="spec file stems to run")
     parser.add_argument("--out", type=Path, default=Path("runs/suite"))
     parser.add_argument("--leaderboard", type=Path, default=None,
@@ -114,9 +115,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         merged = [json.loads((d / "leaderboard.json").read_text()) for d in args.merge]
-        rows = sorted((r for m in merged for r in m["rows"]), key=lambda r: r["spec"])
-        chains = sorted((r for m in merged for r in m.get("chains", [])),
-                        key=lambda r: r["spec"])
+        # a spec's rows come from the last run that has it (a re-run replaces older rows)
+        by_spec: dict[str, dict[str, list]] = {}
+        for m in merged:
+            for key in ("rows", "chains"):
+                for spec in {r["spec"] for r in m.get(key, [])}:
+                    by_spec.setdefault(spec, {})[key] = [
+                        r for r in m[key] if r["spec"] == spec]
+        rows = [r for spec in sorted(by_spec) for r in by_spec[spec].get("rows", [])]
+        chains = [r for spec in sorted(by_spec) for r in by_spec[spec].get("chains", [])]
         failures = {k: v for m in merged for k, v in m["failures"].items()}
         write_leaderboard(rows, chains, failures, "quick",
                           args.leaderboard or Path("LEADERBOARD.md"))
