@@ -128,7 +128,6 @@ class Generations:
         return carry([hop], self.embeddings[hop.source].gallery, self.gallery_side)[-1]
 
 
-
 # --------------------------------------------------------------------------- before training
 def check_upgrade_chains(spec: ExperimentSpec, dims: dict[str, int]) -> None:
     """Build every upgrader (untrained) and carry a zero-row gallery through every chain and

@@ -84,11 +84,12 @@ def plot_sequential(evaluation: dict[str, Any], directory: str | Path) -> list[P
             names = matrix["names"]
             values = np.array([[np.nan if v is None else 100 * v for v in row]
                                for row in matrix["values"]])
-            ax.imshow(np.ma.masked_invalid(values), cmap="viridis")
+            image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis")
             for (i, j), v in np.ndenumerate(values):
-                if not np.isnan(v):
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white",
-                            fontsize=8)
+                if not np.isnan(v):  # dark text on the light end of the colour map
+                    light = image.norm(v) > 0.6
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                            color="black" if light else "white")
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
             ax.set_yticks(range(len(names)), names, fontsize=8)
             ax.set(xlabel="gallery", ylabel="query",

@@ -11,8 +11,9 @@ of the data with a narrow CNN is clearly weaker than a wider one trained on all 
 Query/gallery classes are by default disjoint from the training classes (unseen objects,
 as in GLDv2 or SOP retrieval); ``test_classes: seen`` draws them from the training classes
 instead (new images of known objects: the closed-set protocol of FCT/FastFill on
-ImageNet and CIFAR-100, where a classifier head can score gallery items). Rendering is vectorised in torch and deterministic from the
-seed; results can be cached as safetensors keyed by a hash of the parameters.
+ImageNet and CIFAR-100, where a classifier head can score gallery items). Rendering is
+vectorised in torch and deterministic from the seed; results can be cached as
+safetensors keyed by a hash of the parameters.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
