@@ -248,8 +248,6 @@ class GalleryUpgrader(nn.Module):
     input_dim: int
     output_dim: int
     side_dim: int = 0
-    #: whether ``advance`` moves the side information on to the next generation (FCT's g)
-    carries_side: bool = False
     #: whether ``advance`` reads ``StoredGallery.previous``, a copy that must stay stored
     reads_previous: bool = False
 

@@ -228,7 +228,7 @@ def test_transform_side_learns_g_and_the_next_hop_reads_the_side_model_g_targets
     kw = {"side_info": "alt-old", "side_info_dim": 6, "inner_dim": 16, "side_model": TINY_SIDE,
           "epochs": 1, "batch_size": 8}
     h2 = compatzoo.create_upgrader("fct-transformation", 6, 10, transform_side=True, **kw)
-    assert h2.carries_side and not fct("alt-old").carries_side
+    assert h2.side_transformation is not None and fct("alt-old").side_transformation is None
     logs = h2.fit(image_context(images, d_old=6, d_new=10))
     g2 = h2.side_transformation
     assert any("g/next_side/loss" in log for log in logs)

@@ -119,10 +119,6 @@ class FCTTransformation(GalleryUpgrader):
                                   input_dim)
             if self.params.transform_side else None)
 
-    @property
-    def carries_side(self) -> bool:
-        return self.side_transformation is not None
-
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(old, self.side_model.branch_input(old, side))
 
