@@ -76,7 +76,7 @@ def plot_sequential(evaluation: dict[str, Any], directory: str | Path) -> list[P
     import numpy as np
 
     paths = []
-    for leaf, chain in evaluation.get("sequential", {}).items():
+    for chain in evaluation.get("sequential", {}).values():
         keys = [k for k in ("backfilled", "upgraded", "carried") if k in chain]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
         for ax, key in zip(axes[0], keys):
@@ -124,7 +124,7 @@ def format_table(evaluation: dict[str, Any]) -> str:
             f"{cost['stored_bytes_per_item']} B (side info {cost['side_bytes_per_item']} B"
             + (f", previous copy {cost['previous_copy_bytes_per_item']} B"
                if cost.get("previous_copy_bytes_per_item") else "") + ")")
-    for leaf, chain in evaluation.get("sequential", {}).items():
+    for chain in evaluation.get("sequential", {}).values():
         lines.append(f"chain {' -> '.join(chain['models'])} ({primary}):")
         for key, caption in (("backfilled", "query model i vs gallery embedded by model j"),
                              ("upgraded", "query model i vs the old gallery carried to "
@@ -140,10 +140,10 @@ def format_table(evaluation: dict[str, Any]) -> str:
                          f"{steps}: {'holds' if path['increasing'] else 'does not hold'}")
     for name, by_scheduler in evaluation.get("backfill", {}).items():
         for scheduler, curve in by_scheduler.items():
-            auc = curve["auc"][primary]
             nfr = curve.get("nfr", {})
             nfr_text = ", ".join(f"NFR@{k} max {_worst(v)}" for k, v in nfr.items())
-            lines.append(f"backfill {name} ({scheduler}): AUC {primary} {100 * auc:.2f}"
+            lines.append(f"backfill {name} ({scheduler}): AUC {primary} "
+                         f"{_worst([curve['auc'][primary]])}"
                          + (f"; {nfr_text}" if nfr_text else ""))
     return "\n".join(lines)
 
@@ -166,6 +166,7 @@ def format_matrix(matrix: dict[str, Any], indent: int = 0) -> list[str]:
 
 
 def _worst(values: list[float | None]) -> str:
-    """The largest defined value in percent (NFR is undefined where no query was right)."""
+    """The largest defined value in percent (JSON null is undefined, e.g. NFR when no
+    query was right before the upgrade)."""
     defined = [v for v in values if v is not None]
     return f"{100 * max(defined):.2f}" if defined else "undefined"
