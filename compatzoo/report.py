@@ -76,7 +76,7 @@ def plot_sequential(evaluation: dict[str, Any], directory: str | Path) -> list[P
     import numpy as np
 
     paths = []
-    for chain in evaluation.get("sequential", {}).values():
+    for leaf, chain in evaluation.get("sequential", {}).items():
         keys = [k for k in ("backfilled", "upgraded", "carried") if k in chain]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
         for ax, key in zip(axes[0], keys):
