@@ -124,8 +124,13 @@ class Generations:
                 self.steps(start, target), self.embeddings[start].gallery, self.gallery_side)
         return self._carried[(start, target)]
 
-    def direct_gallery(self, hop: Hop) -> StoredGallery:
-        return carry([hop], self.embeddings[hop.source].gallery, self.gallery_side)[-1]
+    def direct_gallery(self, hop: Hop) -> list[StoredGallery]:
+        """The source's gallery before and after an extra hop (computed once)."""
+        key = (hop.source, hop.label)  # labels hold a '/', so no chain key looks like it
+        if key not in self._carried:
+            self._carried[key] = carry([hop], self.embeddings[hop.source].gallery,
+                                       self.gallery_side)
+        return self._carried[key]
 
 
 # --------------------------------------------------------------------------- before training

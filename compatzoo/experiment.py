@@ -284,8 +284,8 @@ def upgrade_cost(hop: Hop, gens: Generations, models: dict[str, TrainedModel],
                  gallery_images, device) -> dict[str, float]:
     """Per gallery item: MACs of the hop vs re-embedding the image, and bytes stored."""
     # The state entering the hop, as the chain from the old gallery delivers it.
-    stored = (carry([hop], gens.embeddings[hop.source].gallery, gens.gallery_side)[0]
-              if hop.direct else gens.carried_gallery(ROOT, hop.target)[-2])
+    stored = (gens.direct_gallery(hop) if hop.direct
+              else gens.carried_gallery(ROOT, hop.target))[-2]
     images, _ = gallery_images.get_batch([0, 1])
     encoder = models[hop.target].encoder
     return {"upgrade_macs_per_item": advance_macs(hop.upgrader, stored),
@@ -310,10 +310,16 @@ def evaluate_upgrade(spec: ExperimentSpec, data, gens: Generations,
     g_labels = q_labels if loo else np.asarray(data.gallery.labels)
     emb = gens.embeddings
 
+    scores: dict[tuple[int, int], dict[str, float]] = {}
+
     def score(query: torch.Tensor, gallery: torch.Tensor) -> dict[str, float]:
-        # Queries against a gallery of another width: BCT's first-d rule.
-        return evaluate(match_dim(query, gallery.shape[1]), q_labels, gallery, g_labels,
-                        metrics=metrics, leave_one_out=loo)
+        """Each (query, gallery) pair once: the table and the chain matrices share many."""
+        key = (id(query), id(gallery))  # the tensors live in gens for the whole evaluation
+        if key not in scores:
+            # Queries against a gallery of another width: BCT's first-d rule.
+            scores[key] = evaluate(match_dim(query, gallery.shape[1]), q_labels, gallery,
+                                   g_labels, metrics=metrics, leave_one_out=loo)
+        return scores[key]
 
     carried = {name: gens.carried_gallery(ROOT, name) for name in gens.previous
                if gens.has_upgrader(name)}
@@ -329,7 +335,7 @@ def evaluate_upgrade(spec: ExperimentSpec, data, gens: Generations,
                 query, gens.carried_gallery(previous, name)[-1].features)
         for (target, _), hop in gens.direct.items():
             if target == name:
-                table[f"n2u/{hop.label}"] = score(query, gens.direct_gallery(hop).features)
+                table[f"n2u/{hop.label}"] = score(query, gens.direct_gallery(hop)[-1].features)
         table[f"n2n/{name}"] = score(query, emb[name].gallery)
 
     paragon = spec.evaluation.paragon or _default_paragon(spec)

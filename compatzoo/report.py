@@ -152,7 +152,7 @@ def format_matrix(matrix: dict[str, Any], indent: int = 0) -> list[str]:
     """Rows of a compatibility matrix in percent, '-' where undefined, and its summaries."""
     names = matrix["names"]
     cells = [["query \\ gallery", *names]] + [
-        [name, *("-" if v is None or v != v else f"{100 * v:.2f}" for v in row)]
+        [name, *("-" if v is None else f"{100 * v:.2f}" for v in row)]
         for name, row in zip(names, matrix["values"])]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     pad = " " * indent
