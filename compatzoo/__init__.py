@@ -17,7 +17,7 @@ def _create(kind: str, name: str, params: dict[str, Any], **runtime: Any):
     from compatzoo.specs import validate_params
 
     record = get_registry().get(kind, name)
-    return record.factory(validate_params(kind, name, params), **runtime)
+    return record.component(validate_params(kind, name, params), **runtime)
 
 
 def create_encoder(name: str, **params: Any):
@@ -35,11 +35,10 @@ def get_loss(name: str, **params: Any):
     return _create("loss", name, params)
 
 
-def create_upgrader(name: str, input_dim: int, output_dim: int, side_dim: int = 0,
-                    **params: Any):
-    """A :class:`~compatzoo.interfaces.GalleryUpgrader` for stored old embeddings."""
-    return _create("upgrader", name, params, input_dim=input_dim, output_dim=output_dim,
-                   side_dim=side_dim)
+def create_upgrader(name: str, input_dim: int, output_dim: int, **params: Any):
+    """A :class:`~compatzoo.interfaces.GalleryUpgrader` from ``input_dim``-wide stored
+    embeddings into an ``output_dim``-wide space."""
+    return _create("upgrader", name, params, input_dim=input_dim, output_dim=output_dim)
 
 
 def create_scheduler(name: str, **params: Any):

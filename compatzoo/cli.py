@@ -69,13 +69,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from compatzoo.lineage import plan
     from compatzoo.specs import load_spec
 
-    from compatzoo.chains import previous_of, sequential_chains
-
-    spec = load_spec(args.spec)
-    print(f"{args.spec}: valid ({spec.name}: old + {len(spec.new)} new model(s))")
-    for chain in sequential_chains(previous_of(spec)):
+    lineage = plan(load_spec(args.spec))
+    print(f"{args.spec}: valid ({lineage.spec.name}: old + {len(lineage.new)} new model(s))")
+    for chain in lineage.chains():
         print(f"  chain: {' -> '.join(chain)}")
     return 0
 

@@ -40,6 +40,8 @@ class ArcFaceParams(BaseModel):
 class LinearHead(ClassifierHead):
     """Plain softmax classifier (BCT's 'softmax' old models)."""
 
+    Params = LinearHeadParams
+
     def __init__(self, params: LinearHeadParams, embedding_dim: int, num_classes: int):
         super().__init__()
         self.embedding_dim, self.num_classes, self.temperature = embedding_dim, num_classes, 1.0
@@ -78,8 +80,14 @@ class CosineHead(ClassifierHead):
 class NormFaceHead(CosineHead):
     """Normalised softmax (NormFace): scaled cosine, no margin."""
 
+    Params = NormFaceParams
+
 
 class CosFaceHead(CosineHead):
+    """Additive cosine margin on the target logit: ``s (cos - m)``."""
+
+    Params = CosFaceParams
+
     def __init__(self, params: CosFaceParams, embedding_dim: int, num_classes: int):
         super().__init__(params, embedding_dim, num_classes)
         self.margin = float(params.margin)
@@ -89,6 +97,10 @@ class CosFaceHead(CosineHead):
 
 
 class ArcFaceHead(CosineHead):
+    """Additive angular margin on the target logit: ``s cos(theta + m)``."""
+
+    Params = ArcFaceParams
+
     def __init__(self, params: ArcFaceParams, embedding_dim: int, num_classes: int):
         super().__init__(params, embedding_dim, num_classes)
         self.margin = float(params.margin)
@@ -103,9 +115,5 @@ class ArcFaceHead(CosineHead):
         return torch.where(cosine > self._threshold, with_margin, cosine - self._fallback)
 
 
-HEADS = {
-    "linear": (LinearHead, LinearHeadParams),
-    "normface": (NormFaceHead, NormFaceParams),
-    "cosface": (CosFaceHead, CosFaceParams),
-    "arcface": (ArcFaceHead, ArcFaceParams),
-}
+HEADS = {"linear": LinearHead, "normface": NormFaceHead, "cosface": CosFaceHead,
+         "arcface": ArcFaceHead}

@@ -17,9 +17,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_components(register: Callable[..., None]) -> None:
-    """Call ``register(kind, name, factory, params_model)`` once per component.
+    """Call ``register(kind, name, component)`` once per component.
 
-    ``kind`` is one of ``encoder, head, loss, upgrader, scheduler, dataset, allocation``;
-    ``params_model`` is a pydantic model of the component's user-facing parameters
-    (``extra="forbid"``); ``factory(params, **runtime)`` builds the component.
+    ``kind`` is one of ``encoder, head, loss, upgrader, scheduler, dataset, allocation``.
+    ``component`` is a class (or a function) with ``Params``, the pydantic model of its
+    user-facing parameters (``extra="forbid"``); ``component(params, **runtime)`` builds
+    it. Runtime arguments per kind: head ``embedding_dim, num_classes``; upgrader
+    ``input_dim, output_dim``; allocation ``labels, seed``; the others none.
     """

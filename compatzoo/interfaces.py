@@ -1,7 +1,10 @@
-"""The four plugin interfaces: Encoder, CompatLoss, GalleryUpgrader, BackfillScheduler.
+"""The four plugin interfaces -- Encoder, CompatLoss, GalleryUpgrader, BackfillScheduler --
+and the plain records that flow between them and the core.
 
-Plugins subclass these; the engine only talks to these methods and attributes, so a
-third-party method needs nothing from the core beyond this module and the registry hook.
+Every component declares its parameters on the class (``Params``, a pydantic model with
+``extra="forbid"``) and is built as ``cls(params, **runtime)``; the registry validates a
+spec's params with that model before anything is built. Plugin authors import all of this
+from :mod:`compatzoo.plugin`.
 """
 
 from __future__ import annotations
@@ -12,28 +15,48 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError
+from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, PluginError
+
+
+class NoParams(BaseModel):
+    """The params model of a component without parameters."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------- encoders
 class Encoder(nn.Module):
     """Images ``(B, C, H, W)`` -> embeddings ``(B, embedding_dim)`` (not normalised)."""
 
+    Params: ClassVar[type[BaseModel]] = NoParams
     embedding_dim: int
+
+    @classmethod
+    def embedding_dim_of(cls, params: BaseModel) -> int:
+        """The width these params give, known without building the encoder (plans check
+        every generation's width before anything is built). Encoders whose width is not
+        ``params.embedding_dim`` override this."""
+        dim = getattr(params, "embedding_dim", None)
+        if not isinstance(dim, int):
+            raise PluginError(f"encoder {cls.__name__} must override embedding_dim_of(params): "
+                              "its params have no integer embedding_dim")
+        return dim
 
 
 class ClassifierHead(nn.Module):
     """Training-only classifier on embeddings; margin heads use ``labels`` when given.
 
-    ``forward(features, labels=None)`` returns logits ``(B, num_classes)``; with labels, the
-    margin (CosFace/ArcFace) is applied to the target logit, so ``cross_entropy(logits,
-    labels)`` is the head's training loss. ``temperature`` is the softmax temperature the
-    logits already include (the scale ``s`` of normalised heads, 1 for a linear head); BCT's
-    distillation variant uses it.
+    Built as ``cls(params, embedding_dim=..., num_classes=...)``. ``forward(features,
+    labels=None)`` returns logits ``(B, num_classes)``; with labels, the margin
+    (CosFace/ArcFace) is applied to the target logit, so ``cross_entropy(logits, labels)``
+    is the head's training loss. ``temperature`` is the softmax temperature the logits
+    already include (the scale ``s`` of normalised heads, 1 for a linear head).
     """
 
+    Params: ClassVar[type[BaseModel]] = NoParams
     embedding_dim: int
     num_classes: int
     temperature: float = 1.0
@@ -57,6 +80,8 @@ LOSS_INPUTS = frozenset({
     "old_head",            # the frozen old classifier head
     "old_feature_cache",   # phi_old over the whole training set, computed once (MixBCT)
 })
+#: The loss inputs that come from the model a generation follows.
+OLD_MODEL_INPUTS = LOSS_INPUTS - {"new_head"}
 
 
 @dataclass
@@ -99,22 +124,30 @@ class LossOutput:
 
 
 class CompatLoss(nn.Module):
-    """A training objective term. Subclasses set ``requires`` and implement ``forward``.
+    """A training objective term, built as ``cls(params)``.
 
-    ``requires`` names entries of :data:`LOSS_INPUTS`; spec validation checks them against
-    the experiment before training starts, and the engine runs the old model only when
-    some active loss asks for old features. ``uses_augmented_old_features`` tells the engine
-    whether cached (un-augmented) old features are an acceptable stand-in for
-    ``old_features`` of the augmented view.
+    ``requires`` names entries of :data:`LOSS_INPUTS`; the engine runs the old model only
+    when some active loss asks for old features, and a plan checks them before training.
+    Override :meth:`inputs` when they depend on the params. ``min_batch_classes`` is how
+    many classes every batch must hold (contrastive negatives).
     """
 
+    Params: ClassVar[type[BaseModel]] = NoParams
     requires: ClassVar[frozenset[str]] = frozenset()
     min_batch_classes: ClassVar[int] = 1
 
+    def __init__(self, params: BaseModel | None = None):
+        super().__init__()
+        self.params = params if params is not None else type(self).Params()
+
+    @classmethod
+    def inputs(cls, params: BaseModel) -> frozenset[str]:
+        """The inputs a loss with these params needs (known before it is built)."""
+        return cls.requires
+
     @property
     def required_inputs(self) -> frozenset[str]:
-        """Inputs this instance needs; override when they depend on the params."""
-        return type(self).requires
+        return type(self).inputs(self.params)
 
     def prepare(self, context: TrainingContext) -> None:
         """Precompute anything that depends on the old model or the dataset (optional)."""
@@ -185,11 +218,11 @@ def check_features(array: np.ndarray | torch.Tensor, dim: int | None, what: str)
 
 @dataclass
 class StoredGallery:
-    """What a gallery holds for its items at one model generation, without the images.
+    """What a gallery holds for its items at one generation, without the images.
 
-    ``features`` live in the current generation's space; ``side`` is the side information
-    stored beside them (FCT), if any; ``previous`` is the copy one generation older, kept
-    for upgraders that read two generations (BiCT's momentum input, eq. 9).
+    ``features`` live in that generation's space; ``side`` is the side information stored
+    beside them (FCT), if any; ``previous`` is the copy one generation older, kept for
+    upgraders that read two generations (BiCT's momentum input, eq. 9).
     """
 
     features: torch.Tensor
@@ -198,69 +231,79 @@ class StoredGallery:
 
 
 @dataclass
-class UpgradeContext:
-    """What an upgrader may learn from, once both encoders are trained and frozen.
+class HopData:
+    """What an upgrader learns its hop from: the target generation's training items.
 
-    ``old_train`` holds only the images the old model was trained on: side-information
-    models (FCT) must train there, since at old-model time nothing else existed.
-    ``old_features`` / ``new_features`` are phi_old / phi_new of ``new_train`` (same order).
-
-    In a chain v1 -> v2 -> v3 the hop v2 -> v3 also gets ``previous_upgrader`` (the fitted
-    v1 -> v2 upgrader, e.g. to adopt the side model its g was trained for) and
-    ``stored_training_items()``: ``new_train`` as the stored gallery would hold it after
-    the earlier hops, for upgraders trained on chained inputs (BiCT, eq. 9).
+    ``old_features`` / ``new_features`` are phi_source / phi_target of those items (same
+    order as ``new_train`` and ``labels``). ``stored`` is the same items as the chain
+    stores them at the source generation -- given only to upgraders whose
+    ``fits_on_stored`` is true (BiCT, eq. 9); on a first hop it is ``old_features``.
+    ``old_train`` holds only the images the source model was trained on: side-information
+    models (FCT) must train there, since at that time nothing else existed. Images,
+    heads and the previous upgrader are optional, so a unit test can fit an upgrader from
+    plain tensors.
     """
 
-    old_train: Any                    # LabeledImages
-    new_train: Any                    # LabeledImages
-    old_encoder: Encoder
-    new_encoder: Encoder
     old_features: torch.Tensor
     new_features: torch.Tensor
     labels: torch.Tensor
+    stored: StoredGallery | None = None
     new_head: nn.Module | None = None
+    old_train: Any = None                       # LabeledImages
+    new_train: Any = None                       # LabeledImages, the items themselves
+    previous_upgrader: GalleryUpgrader | None = None
     augment: Callable[..., torch.Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: bool = True
-    previous_upgrader: GalleryUpgrader | None = None
-    replay_chain: Callable[[], StoredGallery] | None = None
-    _replayed: StoredGallery | None = field(default=None, init=False, repr=False)
 
-    def stored_training_items(self) -> StoredGallery:
-        """``new_train`` as stored at the previous generation (computed once, on demand);
-        on a first hop that is just ``old_features``."""
-        if self.replay_chain is None:
-            return StoredGallery(self.old_features)
-        if self._replayed is None:
-            self._replayed = self.replay_chain()
-        return self._replayed
+    def stored_items(self) -> StoredGallery:
+        """The items as the chain stores them (``old_features`` on a first hop)."""
+        return self.stored if self.stored is not None else StoredGallery(self.old_features)
+
+    def check(self, input_dim: int, output_dim: int) -> None:
+        """Fail before training when the feature pairs do not fit the upgrader."""
+        check_features(self.old_features, input_dim, "old features of the training set")
+        check_features(self.new_features, output_dim, "new features of the training set")
+        if len(self.old_features) != len(self.new_features):
+            raise InvalidFeaturesError(
+                f"{len(self.old_features)} old but {len(self.new_features)} new training "
+                "features; both must describe the same items in the same order")
 
 
 class GalleryUpgrader(nn.Module):
-    """Maps stored old embeddings (and optional side information) into the new space.
+    """Maps a stored gallery (embeddings and optional side information) into the next
+    generation's space, without the images; built as ``cls(params, input_dim=...,
+    output_dim=...)``.
 
-    Lifecycle: ``fit(context)`` learns the mapping (and any side-information model);
-    ``side_information(images)`` gives what must be stored with each old gallery item
-    (None when the method needs none); ``upgrade(old, side)`` maps stored embeddings.
+    Lifecycle: ``fit(data)`` learns the mapping (and any side-information model);
+    ``side_information(images)`` gives what must be stored with each gallery item
+    entering the hop (None when the method needs none); ``upgrade(features, side)`` maps
+    stored embeddings; ``advance(stored)`` moves a whole stored gallery one generation on.
+    An upgrader may publish named per-item ``signals`` on a stored gallery (e.g. a
+    predicted uncertainty) that backfill schedulers ask for by name.
     """
 
+    Params: ClassVar[type[BaseModel]] = NoParams
     input_dim: int
     output_dim: int
     side_dim: int = 0
     #: whether ``advance`` reads ``StoredGallery.previous``, a copy that must stay stored
     reads_previous: bool = False
+    #: whether ``fit`` reads ``HopData.stored``, the training items as the chain stores them
+    fits_on_stored: bool = False
+    #: names of the per-item signals :meth:`signals` returns
+    publishes: frozenset[str] = frozenset()
 
-    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+    def fit(self, data: HopData) -> list[dict[str, float]]:
         """Learn the mapping; returns per-epoch logs. Nothing to learn by default."""
         return []
 
     def advance(self, stored: StoredGallery, chunk_size: int = 65536) -> StoredGallery:
         """Move a stored gallery one generation on, for chains v1 -> v2 -> v3.
 
-        By default the features are upgraded and the side information is dropped; upgraders
-        that carry side information on (FCT's g) or read older copies (BiCT's momentum
-        input) override this.
+        By default the features are upgraded and the side information is dropped;
+        upgraders that carry side information on or read older copies override this.
         """
         features = torch.from_numpy(self.upgrade(stored.features, stored.side, chunk_size))
         return StoredGallery(features, None, stored.features)
@@ -269,10 +312,21 @@ class GalleryUpgrader(nn.Module):
         """Raise before any training when this upgrader cannot take the hop after
         ``previous`` in a chain (e.g. it would adopt a side model of another kind)."""
 
+    def carried_side_model(self) -> nn.Module | None:
+        """The model whose output the side information left by :meth:`advance` stands
+        for (FCT's psi_(i+1), learned with g); None when ``advance`` drops side
+        information. The next hop of a chain may adopt it."""
+        return None
+
     def side_information(self, images: Any, batch_size: int = 512,
                          progress: bool = True) -> torch.Tensor | None:
-        """Side features of ``images`` (a LabeledImages) to store with the old gallery."""
+        """Side features of ``images`` (a LabeledImages) to store with the gallery."""
         return None
+
+    def signals(self, stored: StoredGallery, chunk_size: int = 65536) -> dict[str, np.ndarray]:
+        """Per-item signals on a stored gallery entering this hop: ``{name: (N,) array}``
+        for every name in ``publishes``."""
+        return {}
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - interface
@@ -281,24 +335,33 @@ class GalleryUpgrader(nn.Module):
     def upgrade(self, old: np.ndarray | torch.Tensor, side: np.ndarray | torch.Tensor | None = None,
                 chunk_size: int = 65536) -> np.ndarray:
         """Apply in chunks so arrays larger than memory (e.g. np.memmap) can be upgraded."""
-        check_features(old, self.input_dim, "stored old embeddings")
-        if self.side_dim and side is None:
-            raise InvalidFeaturesError(
-                f"this upgrader needs side information of dimension {self.side_dim}; pass "
-                "the side features stored with the old gallery"
-            )
-        if side is not None:
-            check_features(side, self.side_dim, "side information")
-        was_training = self.training
-        self.eval()
-        out = np.empty((old.shape[0], self.output_dim), dtype=np.float32)
-        device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        for start, stop in _chunks(old.shape[0], chunk_size):
-            x = _rows(old, start, stop, device)
-            s = None if side is None else _rows(side, start, stop, device)
-            out[start:stop] = self(x, s).float().cpu().numpy()
-        self.train(was_training)
-        return out
+        return apply_in_chunks(self, old, side, self.input_dim, self.side_dim, self.output_dim,
+                               chunk_size)
+
+
+@torch.no_grad()
+def apply_in_chunks(module: nn.Module, rows: np.ndarray | torch.Tensor,
+                    side: np.ndarray | torch.Tensor | None, input_dim: int, side_dim: int,
+                    output_dim: int, chunk_size: int = 65536) -> np.ndarray:
+    """``module(rows, side)`` in eval mode, chunk by chunk, as float32 numpy ``(N,
+    output_dim)``; inputs are checked (width, finite rows) before any work."""
+    check_features(rows, input_dim, "stored embeddings")
+    if side_dim and side is None:
+        raise InvalidFeaturesError(
+            f"this upgrader needs side information of dimension {side_dim}; pass the side "
+            "features stored with the gallery")
+    if side is not None:
+        check_features(side, side_dim, "side information")
+    was_training = module.training
+    module.eval()
+    out = np.empty((rows.shape[0], output_dim), dtype=np.float32)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    for start, stop in _chunks(rows.shape[0], chunk_size):
+        x = _rows(rows, start, stop, device)
+        s = None if side is None else _rows(side, start, stop, device)
+        out[start:stop] = module(x, s).float().cpu().numpy().reshape(stop - start, output_dim)
+    module.train(was_training)
+    return out
 
 
 def _rows(array: np.ndarray | torch.Tensor, start: int, stop: int,
@@ -317,22 +380,45 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- schedulers
 @dataclass
-class GalleryState:
-    """What a scheduler may look at when choosing the backfill order."""
+class BackfillState:
+    """What a scheduler may read when choosing the order in which to re-embed a gallery.
+
+    ``old_features`` is the gallery as the old model embedded it; ``upgraded`` the
+    gallery as the upgrade left it in the new model's space (None without an upgrader);
+    ``side`` the side information stored beside the gallery entering the last hop;
+    ``signals`` the per-item signals that hop's upgrader publishes, by name;
+    ``new_features`` is the re-embedded gallery itself, so only oracle schedulers read it.
+    """
 
     old_features: np.ndarray
     side: np.ndarray | None = None
     upgraded: np.ndarray | None = None
-    new_features: np.ndarray | None = None      # only oracle schedulers may use these
     new_head: nn.Module | None = None
-    uncertainty: np.ndarray | None = None       # e.g. FastFill's sigma per item
+    new_features: np.ndarray | None = None
+    signals: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+#: BackfillState fields a scheduler may list in ``requires``.
+BACKFILL_FIELDS = frozenset({"side", "upgraded", "new_head", "new_features"})
 
 
 class BackfillScheduler:
-    """Returns the order in which to re-embed gallery items (first = backfilled first)."""
+    """Returns the order in which to re-embed gallery items (first = backfilled first);
+    built as ``cls(params)``.
 
+    ``requires`` names :data:`BACKFILL_FIELDS` the order reads, ``needs_signals`` the
+    per-item signals (published by the upgrader of the model being backfilled); a plan
+    checks both before any training. ``is_oracle`` marks orders that read the backfill's
+    own result (upper references in reports).
+    """
+
+    Params: ClassVar[type[BaseModel]] = NoParams
     requires: ClassVar[frozenset[str]] = frozenset()
+    needs_signals: ClassVar[frozenset[str]] = frozenset()
     is_oracle: ClassVar[bool] = False
 
-    def order(self, gallery: GalleryState, seed: int = 0) -> np.ndarray:  # pragma: no cover
+    def __init__(self, params: BaseModel | None = None):
+        self.params = params if params is not None else type(self).Params()
+
+    def order(self, state: BackfillState, seed: int = 0) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 
 from compatzoo.interfaces import CompatLoss, LossInputs, LossOutput
-
-
-class ClassificationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ClassificationLoss(CompatLoss):
     """Cross-entropy of the model's own head (margin applied by the head)."""
 
     requires = frozenset({"new_head"})
-
-    def __init__(self, params: ClassificationParams | None = None):
-        super().__init__()
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         logits = inputs.new_head(inputs.new_features, inputs.labels)

@@ -34,11 +34,24 @@ class DuplicateComponentError(PluginError):
 class ComponentRecord:
     kind: str
     name: str
-    factory: Callable[..., Any]
-    params_model: type[BaseModel]
+    component: Callable[..., Any]   # a class (or function) built as component(params, **runtime)
     plugin: str          # entry point name
     distribution: str
     version: str
+
+    @property
+    def params_model(self) -> type[BaseModel]:
+        return self.component.Params
+
+
+def with_params(params_model: type[BaseModel]) -> Callable[[Callable], Callable]:
+    """Declare the params of a function component; classes set ``Params`` themselves."""
+
+    def declare(function: Callable) -> Callable:
+        function.Params = params_model
+        return function
+
+    return declare
 
 
 @dataclass(frozen=True)
@@ -95,16 +108,21 @@ class Registry:
                               f"and {distribution}); rename one entry point")
         staged: list[ComponentRecord] = []
 
-        def register(kind: str, name: str, factory: Callable[..., Any],
-                     params_model: type[BaseModel]) -> None:
+        def register(kind: str, name: str, component: Callable[..., Any], *extra: Any) -> None:
             if kind not in KINDS:
                 raise PluginError(f"plugin '{plugin}' ({distribution}) registers unknown kind "
                                   f"'{kind}'; kinds are {', '.join(KINDS)}")
+            if extra:
+                raise PluginError(f"{kind} '{name}' from {distribution}: register(kind, name, "
+                                  f"component) takes the component alone ({len(extra)} more "
+                                  "argument(s) given); declare its params model on it as "
+                                  "`Params`")
+            params_model = getattr(component, "Params", None)
             if not (isinstance(params_model, type) and issubclass(params_model, BaseModel)):
-                raise PluginError(f"{kind} '{name}' from {distribution} must give a pydantic "
-                                  "model as params_model")
-            staged.append(ComponentRecord(kind, name, factory, params_model, plugin,
-                                          distribution, version))
+                raise PluginError(f"{kind} '{name}' from {distribution} must declare its params "
+                                  "as a pydantic model in the attribute `Params` (found "
+                                  f"{params_model!r})")
+            staged.append(ComponentRecord(kind, name, component, plugin, distribution, version))
 
         self.manager.register(module, name=plugin)
         try:

@@ -3,13 +3,62 @@ compatibility bars, backfill curves and the matrices of model chains."""
 
 from __future__ import annotations
 
+import json
+import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from compatzoo.specs import ExperimentSpec
+
+#: Version of the layout of results.json; raised when a key changes meaning or moves.
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Report:
+    """Everything a run reports; :func:`write` turns it into results.json and plots."""
+
+    spec: ExperimentSpec
+    dataset: dict[str, Any]
+    allocation: dict[str, Any]
+    training: dict[str, list[dict[str, Any]]]
+    evaluation: dict[str, Any]
+    timing: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        import torch
+
+        import compatzoo
+
+        return {"schema_version": RESULTS_SCHEMA_VERSION,
+                "compatzoo_version": compatzoo.__version__, "torch_version": torch.__version__,
+                "python": platform.python_version(), "experiment": self.spec.name,
+                "seed": self.spec.seed, "dataset": self.dataset, "allocation": self.allocation,
+                "spec": self.spec.model_dump(mode="json"), "training": self.training,
+                "evaluation": self.evaluation, "timing": self.timing}
+
+
+def write(report: Report, directory: str | Path) -> Path:
+    """``results.json``, ``compatibility.png``, ``backfill_<model>.png`` and
+    ``chain_<leaf>.png`` into ``directory``; returns the results path."""
+    out = Path(directory)
+    path = out / "results.json"
+    path.write_text(json.dumps(report.to_dict(), indent=2))
+    evaluation = report.evaluation
+    plot_compatibility_bars(evaluation, evaluation["primary"], out / "compatibility.png",
+                            title=report.spec.name)
+    if evaluation.get("backfill"):
+        plot_curves(evaluation, evaluation["primary"], out)
+    if evaluation.get("sequential"):
+        plot_sequential(evaluation, out)
+    return path
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
+from compatzoo.engine.fitting import Recipe
 from compatzoo.errors import CompatzooError, PluginError, SpecError
 from compatzoo.registry import get_registry
 
@@ -51,6 +53,7 @@ class ComponentSpec(BaseModel):
     kind: ClassVar[str] = ""
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    _validated: BaseModel | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -64,10 +67,22 @@ class ComponentSpec(BaseModel):
         except (PluginError, SpecError) as exc:
             raise ValueError(str(exc)) from None
         self.params = validated.model_dump(mode="json")
+        self._validated = validated
         return self
 
-    def params_model(self) -> BaseModel:
-        return get_registry().get(self.kind, self.name).params_model.model_validate(self.params)
+    @property
+    def component(self) -> Any:
+        """The registered class (or function) this spec names."""
+        return get_registry().get(self.kind, self.name).component
+
+    @property
+    def validated(self) -> BaseModel:
+        """The params as the component's own model, validated once with the spec."""
+        return self._validated
+
+    def build(self, **runtime: Any) -> Any:
+        """``component(params, **runtime)``."""
+        return self.component(self.validated, **runtime)
 
 
 class EncoderSpec(ComponentSpec):
@@ -99,16 +114,10 @@ class AllocationSpec(ComponentSpec):
     kind: ClassVar[str] = "allocation"
 
 
-class TrainSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+class TrainSpec(Recipe):
+    """How an encoder and its head are trained: the shared recipe plus where and how
+    often to log."""
+
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(False, description="mixed precision on CUDA")
     log_every: int = Field(20, ge=1, description="steps between JSON-lines log records")
@@ -260,15 +269,6 @@ class ExperimentSpec(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"new model names must be unique; repeated: {duplicates}")
-        for model in self.new:
-            for term in model.losses:
-                loss = build_loss_term(term)
-                needs_classes = getattr(loss, "min_batch_classes", 1)
-                if needs_classes > 1 and model.train.batch_size < needs_classes:
-                    raise ValueError(
-                        f"new model '{model.name}': loss '{term.name}' needs samples of at least "
-                        f"{needs_classes} classes in each batch (negatives), but batch_size is "
-                        f"{model.train.batch_size}; raise new.train.batch_size")
         for i, model in enumerate(self.new):
             earlier = ["old", *names[:i]]
             sources = [("previous", model.previous)] + [
@@ -295,11 +295,6 @@ class ExperimentSpec(BaseModel):
                 raise ValueError(f"evaluation.backfill.models names {unknown}, which are not "
                                  f"new models; new models are {names}")
         return self
-
-
-def build_loss_term(term: LossTermSpec):
-    record = get_registry().get("loss", term.name)
-    return record.factory(term.params_model())
 
 
 def load_spec(source: str | Path | dict[str, Any]) -> ExperimentSpec:

@@ -62,6 +62,7 @@ def test_a_loss_the_data_cannot_serve_fails_before_any_training(tmp_path, monkey
     spec = tiny_spec()
     spec["data"]["dataset"]["params"] = {**TINY_DATA, "num_train_classes": 2}
     spec["data"]["allocation"] = {"name": "open-class", "params": {"fraction": 0.5}}
+    spec["old"]["train"] = {**TRAIN, "batch_size": 8}       # the old model sees 16 images
     spec["new"] = [{"name": "ract", "losses": ["classification", "ract"]}]
     trained = []
     monkeypatch.setattr(experiment, "train_model", lambda *a, **k: trained.append(1))

@@ -312,7 +312,7 @@ def test_supcon_matches_bict_eq10():
 def test_losses_register_through_entry_points(name, params, cls):
     record = get_registry().get("loss", name)
     assert record.distribution == "compatzoo-bct"
-    loss = record.factory(record.params_model(**params))
+    loss = record.component(record.params_model(**params))
     assert isinstance(loss, cls) and loss.required_inputs <= compatzoo.interfaces.LOSS_INPUTS
     with pytest.raises(ValidationError, match="extra"):
         record.params_model(**params, temprature=1.0)

@@ -145,7 +145,7 @@ def test_dimension_mismatch_and_missing_cache_are_reported_in_prepare():
 def test_registration_and_params_validation():
     record = get_registry().get("loss", "mixbct")
     assert record.distribution == "compatzoo-mixbct"
-    loss = record.factory(record.params_model(alpha=0.5, seed=3))
+    loss = record.component(record.params_model(alpha=0.5, seed=3))
     assert isinstance(loss, MixBCTLoss)
     assert loss.required_inputs == {"old_feature_cache", "new_head"}
     with pytest.raises(ValidationError, match="credible_fractoin"):

@@ -187,7 +187,7 @@ def test_triplet_averages_over_anchors_that_have_negatives():
 def test_losses_register_through_entry_points(name, params, cls):
     record = get_registry().get("loss", name)
     assert record.distribution == "compatzoo-ract"
-    loss = record.factory(record.params_model(**params))
+    loss = record.component(record.params_model(**params))
     assert isinstance(loss, cls)
     assert loss.required_inputs == {"old_features_view2"} and loss.min_batch_classes == 2
     with pytest.raises(ValidationError, match="topk_negative"):

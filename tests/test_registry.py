@@ -14,12 +14,19 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Component:
+    Params = NoParams
+
+    def __init__(self, params):
+        self.params = params
+
+
 def _plugin_module(name: str, kind: str, component: str) -> types.ModuleType:
     module = types.ModuleType(name)
 
     @hookimpl
     def register_components(register):
-        register(kind, component, lambda params: object(), NoParams)
+        register(kind, component, Component)
 
     module.register_components = register_components
     return module
@@ -106,15 +113,21 @@ def test_unknown_kind_and_bad_params_model_are_rejected():
     with pytest.raises(PluginError, match="unknown kind 'optimizer'"):
         Registry().add_plugin(bad_kind, "p", "d", "1")
 
-    module = types.ModuleType("m5")
+    def registering(*args) -> types.ModuleType:
+        module = types.ModuleType("m5")
 
-    @hookimpl
-    def register_components(register):
-        register("loss", "x", object, dict)
+        @hookimpl
+        def register_components(register):
+            register("loss", "x", *args)
 
-    module.register_components = register_components
-    with pytest.raises(PluginError, match="pydantic model"):
-        Registry().add_plugin(module, "p", "d", "1")
+        module.register_components = register_components
+        return module
+
+    with pytest.raises(PluginError, match="declare its params as a pydantic model in the "
+                                         "attribute `Params`"):
+        Registry().add_plugin(registering(object), "p", "d", "1")
+    with pytest.raises(PluginError, match=r"takes the component alone \(1 more"):
+        Registry().add_plugin(registering(Component, NoParams), "p", "d", "1")
 
 
 def test_unknown_name_lists_installed_ones():

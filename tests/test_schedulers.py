@@ -11,8 +11,8 @@ import torch
 
 import compatzoo
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
-from compatzoo.gallery import OracleDistanceScheduler, descending_order
-from compatzoo.interfaces import GalleryState
+from compatzoo.components import OracleDistanceScheduler
+from compatzoo.plugin import BackfillState, descending_order
 from compatzoo.registry import get_registry
 from compatzoo_fastfill import SigmaScheduler
 from compatzoo_ract.schedulers import MEASURES, UncertaintyParams, UncertaintyScheduler
@@ -43,14 +43,14 @@ def test_measures_match_hand_values():
 def test_the_maximally_uncertain_item_comes_first(measure):
     # logits = features: item 2 is uniform (maximally uncertain), item 0 the most confident
     features = np.array([[9.0, 0, 0], [2.0, 1.0, 0], [0.0, 0, 0], [0, 3.0, 0.5]], np.float32)
-    state = GalleryState(old_features=features, new_head=identity_head())
+    state = BackfillState(old_features=features, new_head=identity_head())
     assert uncertainty(measure).order(state).tolist() == [2, 1, 3, 0]
 
 
 def test_margin_and_least_confidence_can_disagree():
     # p = softmax(log p): item 0 [.5,.45,.05] has a small margin, item 1 [.4,.3,.3] low confidence
     probs = np.log(np.array([[0.5, 0.45, 0.05], [0.4, 0.3, 0.3]], np.float32))
-    state = GalleryState(old_features=probs, new_head=identity_head())
+    state = BackfillState(old_features=probs, new_head=identity_head())
     assert uncertainty("margin").order(state).tolist() == [0, 1]           # 0.95 vs 0.9
     assert uncertainty("least-confidence").order(state).tolist() == [1, 0]  # 0.6 vs 0.5
 
@@ -60,7 +60,7 @@ def test_ties_keep_the_gallery_order_and_chunks_do_not_matter(monkeypatch):
 
     features = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (7, 1))
     features[4] = 0.0
-    state = GalleryState(old_features=features, new_head=identity_head())
+    state = BackfillState(old_features=features, new_head=identity_head())
     expected = [4, 0, 1, 2, 3, 5, 6]
     assert uncertainty("entropy").order(state).tolist() == expected
     monkeypatch.setattr(module, "_LOGITS_PER_CHUNK", 6)                     # 2 rows per chunk
@@ -70,7 +70,7 @@ def test_ties_keep_the_gallery_order_and_chunks_do_not_matter(monkeypatch):
 def test_features_wider_than_the_head_are_cut_to_its_width():
     head = identity_head()
     wide = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
-    orders = [uncertainty("margin").order(GalleryState(old_features=f, new_head=head))
+    orders = [uncertainty("margin").order(BackfillState(old_features=f, new_head=head))
               for f in (wide, wide[:, :3])]
     assert np.array_equal(*orders)
 
@@ -81,31 +81,32 @@ def test_default_measure_is_the_papers_main_choice():
 
 def test_uncertainty_needs_the_new_head_before_any_work():
     with pytest.raises(SpecError, match="uncertainty scheduler needs the new model's classifier"):
-        uncertainty("margin").order(GalleryState(old_features=np.zeros((3, 3), np.float32)))
+        uncertainty("margin").order(BackfillState(old_features=np.zeros((3, 3), np.float32)))
     one_class = compatzoo.create_head("linear", embedding_dim=3, num_classes=1)
     with pytest.raises(SpecError, match="one class"):
-        uncertainty("margin").order(GalleryState(np.zeros((3, 3), np.float32), new_head=one_class))
+        uncertainty("margin").order(BackfillState(np.zeros((3, 3), np.float32), new_head=one_class))
     bad = np.zeros((3, 3), np.float32)
     bad[1, 2] = np.nan
     with pytest.raises(InvalidFeaturesError, match="NaN"):
-        uncertainty("margin").order(GalleryState(bad, new_head=identity_head()))
+        uncertainty("margin").order(BackfillState(bad, new_head=identity_head()))
 
 
 def test_sigma_order_is_descending_with_stable_ties():
     sigma = np.array([0.1, 2.0, -1.0, 2.0, 0.5], np.float32)
-    state = GalleryState(old_features=np.zeros((5, 2), np.float32), uncertainty=sigma)
+    state = BackfillState(old_features=np.zeros((5, 2), np.float32), signals={"sigma": sigma})
     assert compatzoo.create_scheduler("fastfill-sigma").order(state).tolist() == [1, 3, 4, 0, 2]
 
 
-def test_sigma_order_checks_the_uncertainty_it_reads():
+def test_sigma_order_checks_the_signal_it_reads():
     scheduler = SigmaScheduler()
-    with pytest.raises(SpecError, match="per-item uncertainty"):
-        scheduler.order(GalleryState(old_features=np.zeros((3, 2), np.float32)))
+    with pytest.raises(SpecError, match=r"per-item signal\(s\) \['sigma'\].*carries none"):
+        scheduler.order(BackfillState(old_features=np.zeros((3, 2), np.float32)))
     with pytest.raises(InvalidFeaturesError, match="2 rows but the gallery has 3"):
-        scheduler.order(GalleryState(np.zeros((3, 2), np.float32), uncertainty=np.zeros(2)))
+        scheduler.order(BackfillState(np.zeros((3, 2), np.float32),
+                                      signals={"sigma": np.zeros(2)}))
     with pytest.raises(InvalidFeaturesError, match="NaN"):
-        scheduler.order(GalleryState(np.zeros((2, 2), np.float32),
-                                     uncertainty=np.array([0, np.nan])))
+        scheduler.order(BackfillState(np.zeros((2, 2), np.float32),
+                                      signals={"sigma": np.array([0, np.nan])}))
 
 
 def test_oracle_distance_orders_by_distance_to_the_new_embedding():
@@ -114,15 +115,15 @@ def test_oracle_distance_orders_by_distance_to_the_new_embedding():
     upgraded = np.array([[0.0, 9], [0, 0], [0, 1], [0, 0]], np.float32)  # distances 9, 0, 1, 0
     oracle = OracleDistanceScheduler()                                # FastFill: raw distance
     assert oracle.is_oracle and not compatzoo.create_scheduler("random").is_oracle
-    assert oracle.order(GalleryState(old, new_features=new)).tolist() == [1, 3, 0, 2]
-    with_upgraded = GalleryState(old, new_features=new, upgraded=upgraded)
+    assert oracle.order(BackfillState(old, new_features=new)).tolist() == [1, 3, 0, 2]
+    with_upgraded = BackfillState(old, new_features=new, upgraded=upgraded)
     assert oracle.order(with_upgraded).tolist() == [0, 2, 1, 3]
 
 
 def test_oracle_distance_can_measure_the_angle_cosine_retrieval_sees():
     new = np.array([[1.0, 0], [1, 0], [1, 0]], np.float32)
     stored = np.array([[10.0, 0], [0, 0.5], [1, 1]], np.float32)  # raw: 9, 1.1, 1; angle: 0, 90, 45
-    state = GalleryState(stored, new_features=new)
+    state = BackfillState(stored, new_features=new)
     assert OracleDistanceScheduler().order(state).tolist() == [0, 1, 2]
     angular = compatzoo.create_scheduler("oracle-distance", normalize=True)
     assert angular.order(state).tolist() == [1, 2, 0]
@@ -131,11 +132,11 @@ def test_oracle_distance_can_measure_the_angle_cosine_retrieval_sees():
 def test_oracle_distance_needs_comparable_embeddings():
     oracle = OracleDistanceScheduler()
     with pytest.raises(SpecError, match="new model's embeddings of the gallery"):
-        oracle.order(GalleryState(old_features=np.zeros((2, 2), np.float32)))
-    with pytest.raises(DimensionMismatchError, match="GalleryState.upgraded"):
-        oracle.order(GalleryState(np.zeros((2, 2), np.float32), new_features=np.zeros((2, 3))))
+        oracle.order(BackfillState(old_features=np.zeros((2, 2), np.float32)))
+    with pytest.raises(DimensionMismatchError, match="BackfillState.upgraded"):
+        oracle.order(BackfillState(np.zeros((2, 2), np.float32), new_features=np.zeros((2, 3))))
     with pytest.raises(InvalidFeaturesError, match="upgraded has 1 rows"):
-        oracle.order(GalleryState(np.zeros((2, 3), np.float32), new_features=np.zeros((2, 3)),
+        oracle.order(BackfillState(np.zeros((2, 3), np.float32), new_features=np.zeros((2, 3)),
                                   upgraded=np.zeros((1, 3))))
 
 

@@ -184,7 +184,7 @@ def test_side_information_the_chain_drops_fails_before_any_training(tmp_path, mo
 
 def test_momentum_over_generations_of_different_widths_fails_before_any_training(
         tmp_path, monkeypatch):
-    from compatzoo.chains import check_upgrade_chains
+    from compatzoo.lineage import plan
 
     trained = _no_training(monkeypatch)
     psi = {"name": "bict-mlp", "params": PSI}
@@ -195,7 +195,7 @@ def test_momentum_over_generations_of_different_widths_fails_before_any_training
     assert trained == []
     # vanilla sequential BiCT (m = 0) reads F_(i-1) only, so the widths may differ
     spec["new"][1]["upgrader"] = {"name": "bict-mlp", "params": {**PSI, "input_momentum": 0}}
-    check_upgrade_chains(load_spec(spec), {"old": 8, "v2": 12, "v3": 12})
+    assert [g.embedding_dim for g in plan(load_spec(spec)).generations.values()] == [8, 12, 12]
 
 
 def test_a_hop_that_would_adopt_another_kind_of_side_model_fails_before_any_training(
@@ -213,11 +213,12 @@ def test_a_hop_that_would_adopt_another_kind_of_side_model_fails_before_any_trai
 
 
 def test_chains_branch_and_end_at_models_no_other_follows(tmp_path, capsys):
-    from compatzoo.chains import sequential_chains
     from compatzoo.cli import main
+    from compatzoo.lineage import plan
 
-    previous = {"a": "old", "b": "a", "c": "a", "d": "old"}
-    assert sequential_chains(previous) == [["old", "a", "b"], ["old", "a", "c"]]
+    branches = sequential_spec([{"name": "a", "stage": 1}, {"name": "b", "previous": "a"},
+                                {"name": "c", "previous": "a"}, {"name": "d"}])
+    assert plan(load_spec(branches)).chains() == [["old", "a", "b"], ["old", "a", "c"]]
     spec = tmp_path / "chain.yaml"
     spec.write_text(yaml.safe_dump(sequential_spec(CHAINS[:2])))
     assert main(["validate", str(spec)]) == 0

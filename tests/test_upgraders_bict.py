@@ -11,7 +11,7 @@ from torch import nn
 
 import compatzoo
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
-from compatzoo.interfaces import StoredGallery, UpgradeContext
+from compatzoo.plugin import HopData, StoredGallery
 from compatzoo.registry import get_registry
 from compatzoo_bict import BiCTMLP, BiCTMLPParams, momentum_input
 
@@ -23,10 +23,10 @@ def linear_problem(n: int = 256, d_old: int = 8, d_new: int = 12, seed: int = 0)
     return old, old @ torch.randn(d_old, d_new, generator=g)
 
 
-def feature_context(old: torch.Tensor, new: torch.Tensor, **extra) -> UpgradeContext:
-    return UpgradeContext(old_train=None, new_train=None, old_encoder=None, new_encoder=None,
-                          old_features=old, new_features=new,
-                          labels=torch.zeros(len(old), dtype=torch.long), progress=False, **extra)
+def feature_context(old: torch.Tensor, new: torch.Tensor, **extra) -> HopData:
+    """Hop data from plain tensors: no images, no orchestrator."""
+    return HopData(old_features=old, new_features=new,
+                   labels=torch.zeros(len(old), dtype=torch.long), progress=False, **extra)
 
 
 def cosine_loss(upgrader: BiCTMLP, old: torch.Tensor, new: torch.Tensor) -> float:
@@ -132,9 +132,8 @@ def test_a_chained_psi_trains_on_the_training_items_as_the_chain_stores_them(mon
                         lambda x, dim, what: seen.append(x.clone()) or real_check(x, dim, what))
     psi = compatzoo.create_upgrader("bict-mlp", input_dim=4, output_dim=4, hidden_dim=8,
                                     epochs=1, batch_size=8)
-    calls = []
-    psi.fit(feature_context(phi2, target, replay_chain=lambda: calls.append(1) or
-                            StoredGallery(f1, None, f0)))
-    assert calls == [1] and torch.equal(seen[-1], 0.5 * f1 + 0.5 * f0)  # not phi_2(x)
+    assert psi.fits_on_stored                                 # the run passes HopData.stored
+    psi.fit(feature_context(phi2, target, stored=StoredGallery(f1, None, f0)))
+    assert torch.equal(seen[-1], 0.5 * f1 + 0.5 * f0)                    # not phi_2(x)
     psi.fit(feature_context(phi2, target))                               # a first hop: phi_1(x)
     assert torch.equal(seen[-1], phi2)

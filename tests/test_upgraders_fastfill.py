@@ -11,7 +11,7 @@ import torch
 
 import compatzoo
 from compatzoo.errors import DimensionMismatchError, SpecError
-from compatzoo.interfaces import UpgradeContext
+from compatzoo.plugin import HopData, StoredGallery
 from compatzoo.registry import get_registry
 from compatzoo_fastfill import FastFillParams, FastFillUpgrader, fastfill_loss
 from compatzoo_fct import FCTTransformation
@@ -35,10 +35,9 @@ def problem(n: int = 256, seed: int = 0):
     return old, new, labels, head
 
 
-def context(old, new, labels, head) -> UpgradeContext:
-    return UpgradeContext(old_train=None, new_train=None, old_encoder=None, new_encoder=None,
-                          old_features=old, new_features=new, labels=labels, new_head=head,
-                          progress=False)
+def context(old, new, labels, head) -> HopData:
+    return HopData(old_features=old, new_features=new, labels=labels, new_head=head,
+                   progress=False)
 
 
 def test_the_transformation_has_one_extra_sigma_output():
@@ -96,22 +95,26 @@ def test_sigma_is_larger_where_the_target_is_unpredictable():
     new = torch.where(noisy[:, None], 3 * torch.randn_like(new), new)
     ff = fastfill(epochs=15, batch_size=64, lr=1e-2, warmup_epochs=1)
     ff.fit(context(old, new, labels, head))
-    sigma = ff.uncertainty(old.numpy())
+    assert ff.publishes == {"sigma"}
+    sigma = ff.signals(StoredGallery(old))["sigma"]
     assert sigma.shape == (len(old),) and sigma.dtype == np.float32
     assert sigma[noisy.numpy()].mean() > sigma[~noisy.numpy()].mean() + 1.0
     first = np.argsort(-sigma, kind="stable")[: len(old) // 2]
     assert noisy.numpy()[first].mean() > 0.9                   # sigma order backfills noise first
 
 
-def test_uncertainty_equals_predict_and_keeps_the_mode():
+def test_sigma_equals_predict_in_any_chunking_and_keeps_the_mode():
     ff = fastfill().eval()
     old = torch.randn(10, D_OLD)
-    sigma = ff.uncertainty(old.numpy(), chunk_size=3)
     with torch.no_grad():
-        assert np.array_equal(sigma, ff.predict(old)[1].numpy())
+        full = ff.predict(old)[1].numpy()
+    assert np.array_equal(ff.sigma(old.numpy()), full)            # one chunk: the same call
+    # Chunks of 3 rows are other matrix shapes: BLAS may sum in another order, so the
+    # values agree to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(ff.sigma(old.numpy(), chunk_size=3), full, rtol=1e-5, atol=1e-6)
     assert not ff.training
     ff.train()
-    ff.uncertainty(old.numpy())
+    ff.sigma(old.numpy())
     assert ff.training
 
 

@@ -16,7 +16,7 @@ import compatzoo
 from compatzoo.data.augment import BatchAugment
 from compatzoo.data.datasets import TensorImages
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, PluginError, SpecError
-from compatzoo.interfaces import StoredGallery, UpgradeContext
+from compatzoo.plugin import HopData, StoredGallery
 from compatzoo.registry import get_registry
 from compatzoo_fct import (SIDE_INFORMATION, FCTParams, FCTSideTransformation,
                            FCTTransformation, SideModelParams, linear_cka, nt_xent)
@@ -32,14 +32,13 @@ def tiny_images(n: int = 24, seed: int = 0) -> TensorImages:
 
 
 def context(old: torch.Tensor, new: torch.Tensor, images: TensorImages | None = None,
-            **extra) -> UpgradeContext:
-    return UpgradeContext(old_train=images, new_train=images, old_encoder=None, new_encoder=None,
-                          old_features=old, new_features=new,
-                          labels=torch.arange(len(old)) % 3, augment=BatchAugment(),
-                          progress=False, **extra)
+            **extra) -> HopData:
+    return HopData(old_train=images, new_train=images, old_features=old, new_features=new,
+                   labels=torch.arange(len(old)) % 3, augment=BatchAugment(), progress=False,
+                   **extra)
 
 
-def image_context(images: TensorImages, d_old: int = 6, d_new: int = 10) -> UpgradeContext:
+def image_context(images: TensorImages, d_old: int = 6, d_new: int = 10) -> HopData:
     g = torch.Generator().manual_seed(1)
     return context(torch.randn(len(images), d_old, generator=g),
                    torch.randn(len(images), d_new, generator=g), images)
@@ -188,9 +187,17 @@ def test_bad_stored_input_fails_before_any_work():
         h.upgrade(np.zeros((4, 8), np.float32), side)
 
 
-def test_conflicting_runtime_side_dim_is_an_error():
-    with pytest.raises(SpecError, match="side_info_dim"):
+def test_the_side_width_comes_from_the_params_alone():
+    assert fct("alt-old", side_info_dim=5).side_dim == 5
+    with pytest.raises(SpecError, match="side_dim: unknown parameter.*side_info_dim"):
         compatzoo.create_upgrader("fct-transformation", 8, 12, side_dim=64, side_info="none")
+
+
+def test_a_learned_side_model_without_images_fails_before_any_training():
+    h = fct("alt-old")
+    with pytest.raises(SpecError, match="HopData.new_train"):
+        h.fit(context(torch.randn(16, 8), torch.randn(16, 12)))
+    assert not bool(h.side_model.fitted)
 
 
 def test_side_transformation_chains_v1_to_v3():

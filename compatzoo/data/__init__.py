@@ -1,8 +1,9 @@
 """Datasets, the embedded synthetic benchmark, augmentation and old/new allocations.
 
-``DATASETS`` and ``ALLOCATIONS`` map registry names to ``(factory, params_model)``:
-a dataset factory takes its params and returns :class:`RetrievalData`; an allocation
-takes ``(train_labels, params, seed)`` and returns :class:`Allocation`.
+``DATASETS`` and ``ALLOCATIONS`` map registry names to functions that declare their
+``Params``: a dataset takes its params and returns :class:`RetrievalData`; an allocation
+takes its params, ``labels=`` (the training labels) and ``seed=`` and returns
+:class:`Allocation`.
 """
 
 from compatzoo.data.allocations import (
@@ -23,11 +24,8 @@ from compatzoo.data.datasets import LabeledImages, RetrievalData, SubsetImages, 
 from compatzoo.data.image_folder import FileImages, ImageFolderParams, make_image_folder
 from compatzoo.data.synthetic import SyntheticParams, make_synthetic
 
-DATASETS = {
-    "synthetic": (make_synthetic, SyntheticParams),
-    "image-folder": (make_image_folder, ImageFolderParams),
-    "cifar100": (make_cifar100, Cifar100Params),
-}
+DATASETS = {"synthetic": make_synthetic, "image-folder": make_image_folder,
+            "cifar100": make_cifar100}
 
 __all__ = [
     "ALLOCATIONS",

@@ -1,7 +1,9 @@
 """Which training images each model version may see (RACT table 1, MixBCT scenarios).
 
-Every allocation is a pure function ``fn(labels, params, seed) -> Allocation`` of the
-training labels: the same labels and seed always give the same indices.
+Every allocation is a pure function ``fn(params, labels=..., seed=...) -> Allocation`` of
+the training labels: the same labels and seed always give the same indices. Its
+``stage_count(params)`` says how many training sets it gives, so a plan can check the
+stages models ask for before any data is loaded.
 
 Rounding rule: a fraction ``f`` of ``n`` items is ``floor(f * n + 0.5)`` (round half
 up), clipped so that every selected side is non-empty -- per class for ``by data``
@@ -18,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compatzoo.errors import DatasetError
+from compatzoo.registry import with_params
 
 
 @dataclass(frozen=True)
@@ -115,17 +118,20 @@ def _by_class(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> li
     return [np.flatnonzero(np.isin(labels, classes[:n])) for n in counts]
 
 
-def extended_data(labels: np.ndarray, params: ExtendedParams, seed: int) -> Allocation:
+@with_params(ExtendedParams)
+def extended_data(params: ExtendedParams, *, labels: np.ndarray, seed: int) -> Allocation:
     """Old: ``fraction`` of each class's images; new: all images."""
     return Allocation(tuple(_by_data(_check_labels(labels), (params.fraction, 1.0), seed)))
 
 
-def extended_class(labels: np.ndarray, params: ExtendedParams, seed: int) -> Allocation:
+@with_params(ExtendedParams)
+def extended_class(params: ExtendedParams, *, labels: np.ndarray, seed: int) -> Allocation:
     """Old: ``fraction`` of the classes with all their images; new: all images."""
     return Allocation(tuple(_by_class(_check_labels(labels), (params.fraction, 1.0), seed)))
 
 
-def open_data(labels: np.ndarray, params: OpenParams, seed: int) -> Allocation:
+@with_params(OpenParams)
+def open_data(params: OpenParams, *, labels: np.ndarray, seed: int) -> Allocation:
     """Old: ``fraction`` of each class's images; new: the other images of the same
     classes. Per class the old side is clipped to ``[1, n_c - 1]`` so both see it."""
     labels = _check_labels(labels)
@@ -141,7 +147,8 @@ def open_data(labels: np.ndarray, params: OpenParams, seed: int) -> Allocation:
     return Allocation((np.flatnonzero(rank < quota), np.flatnonzero(rank >= quota)))
 
 
-def open_class(labels: np.ndarray, params: OpenParams, seed: int) -> Allocation:
+@with_params(OpenParams)
+def open_class(params: OpenParams, *, labels: np.ndarray, seed: int) -> Allocation:
     """Old: ``fraction`` of the classes; new: the other classes (disjoint). The old side
     is clipped to ``[1, C - 1]`` classes."""
     labels = _check_labels(labels)
@@ -156,16 +163,20 @@ def open_class(labels: np.ndarray, params: OpenParams, seed: int) -> Allocation:
     return Allocation((np.flatnonzero(old), np.flatnonzero(~old)))
 
 
-def sequential(labels: np.ndarray, params: SequentialParams, seed: int) -> Allocation:
+@with_params(SequentialParams)
+def sequential(params: SequentialParams, *, labels: np.ndarray, seed: int) -> Allocation:
     """Nested training sets, one per model version, by images per class or by classes."""
     split = _by_data if params.by == "data" else _by_class
     return Allocation(tuple(split(_check_labels(labels), params.fractions, seed)))
 
 
-ALLOCATIONS = {
-    "extended-data": (extended_data, ExtendedParams),
-    "extended-class": (extended_class, ExtendedParams),
-    "open-data": (open_data, OpenParams),
-    "open-class": (open_class, OpenParams),
-    "sequential": (sequential, SequentialParams),
-}
+def _two_stages(params) -> int:
+    return 2
+
+
+for _allocation in (extended_data, extended_class, open_data, open_class):
+    _allocation.stage_count = _two_stages
+sequential.stage_count = lambda params: len(params.fractions)
+
+ALLOCATIONS = {"extended-data": extended_data, "extended-class": extended_class,
+               "open-data": open_data, "open-class": open_class, "sequential": sequential}

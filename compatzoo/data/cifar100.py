@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compatzoo.data.datasets import RetrievalData, TensorImages, channel_stats, retrieval_info
 from compatzoo.errors import DatasetError
 from compatzoo.safe_pickle import load_data_pickle
+from compatzoo.registry import with_params
 
 NUM_CLASSES = 100
 LAYOUT = "<root>/cifar-100-python/{train,test} (or root pointing at cifar-100-python/ itself)"
@@ -69,6 +70,7 @@ def _load_split(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
 
 
+@with_params(Cifar100Params)
 def make_cifar100(params: Cifar100Params) -> RetrievalData:
     """Train split for training; test split as leave-one-out query set (gallery None)."""
     folder = _find_folder(params.root.expanduser())

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compatzoo.data.datasets import LabeledImages, RetrievalData, retrieval_info
 from compatzoo.errors import DatasetError
+from compatzoo.registry import with_params
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,6 +106,7 @@ def _eval_splits(root: Path) -> dict[str, dict[str, list[Path]]]:
     raise _layout_error(f"{root} has no evaluation split (query/ + gallery/, or val/)", root)
 
 
+@with_params(ImageFolderParams)
 def make_image_folder(params: ImageFolderParams) -> RetrievalData:
     """Build train/query/gallery from ``params.root``.
 

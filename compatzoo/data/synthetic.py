@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compatzoo.data.datasets import RetrievalData, TensorImages, channel_stats, retrieval_info
+from compatzoo.registry import with_params
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ def _load_or_generate(p: SyntheticParams) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@with_params(SyntheticParams)
 def make_synthetic(params: SyntheticParams | None = None) -> RetrievalData:
     """Generate (or load from ``cache_dir``) the synthetic retrieval benchmark."""
     p = params or SyntheticParams()

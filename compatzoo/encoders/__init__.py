@@ -2,14 +2,16 @@
 
 from compatzoo.encoders.base import PooledEncoder, PooledEncoderParams
 from compatzoo.encoders.clip import OpenClipEncoder, OpenClipParams
-from compatzoo.encoders.tiny import TinyCNNParams, tiny_cnn
-from compatzoo.encoders.torchvision_backbones import (ARCHITECTURES, TorchvisionParams,
-                                                      torchvision_factory)
+from compatzoo.encoders.tiny import TinyCNN, TinyCNNParams
+from compatzoo.encoders.torchvision_backbones import (ARCHITECTURES, TorchvisionEncoder,
+                                                      TorchvisionParams, torchvision_encoder)
 
 ENCODERS = {
-    "tiny-cnn": (tiny_cnn, TinyCNNParams),
-    **{arch: (torchvision_factory(arch), TorchvisionParams) for arch in ARCHITECTURES},
-    "open-clip": (OpenClipEncoder, OpenClipParams),
+    "tiny-cnn": TinyCNN,
+    **{arch: torchvision_encoder(arch) for arch in ARCHITECTURES},
+    "open-clip": OpenClipEncoder,
 }
 
-__all__ = ["ENCODERS", "PooledEncoder", "PooledEncoderParams", "OpenClipEncoder"]
+__all__ = ["ENCODERS", "OpenClipEncoder", "OpenClipParams", "PooledEncoder",
+           "PooledEncoderParams", "TinyCNN", "TinyCNNParams", "TorchvisionEncoder",
+           "TorchvisionParams"]

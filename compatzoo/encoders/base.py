@@ -25,7 +25,19 @@ class PooledEncoderParams(BaseModel):
 
 
 class PooledEncoder(Encoder):
-    """Any backbone that yields a (B, C, H, W) map, pooled and projected to a vector."""
+    """Any backbone that yields a (B, C, H, W) map, pooled and projected to a vector.
+    Subclasses build the backbone from their params and say its width in
+    :meth:`backbone_dim_of`."""
+
+    Params = PooledEncoderParams
+
+    @classmethod
+    def backbone_dim_of(cls, params: PooledEncoderParams) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def embedding_dim_of(cls, params: PooledEncoderParams) -> int:
+        return params.embedding_dim or cls.backbone_dim_of(params)
 
     def __init__(self, backbone: nn.Module, backbone_dim: int, params: PooledEncoderParams):
         super().__init__()

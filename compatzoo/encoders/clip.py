@@ -18,17 +18,33 @@ class OpenClipParams(BaseModel):
     weights: str | None = Field(None, description="local .safetensors of the visual tower")
 
 
+def _open_clip(model_name: str):
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise PluginError("the open-clip encoder needs open_clip_torch: "
+                          "pip install 'compatzoo[clip]'") from exc
+    if model_name not in open_clip.list_models():
+        raise PluginError(f"unknown open_clip architecture '{model_name}'; "
+                          f"known: {', '.join(open_clip.list_models()[:20])}, ...")
+    return open_clip
+
+
 class OpenClipEncoder(Encoder):
+    """An open_clip visual tower, optionally followed by a linear projection."""
+
+    Params = OpenClipParams
+
+    @classmethod
+    def embedding_dim_of(cls, params: OpenClipParams) -> int:
+        """The tower's output width from the architecture's config, without building it."""
+        if params.embedding_dim:
+            return params.embedding_dim
+        return int(_open_clip(params.model_name).get_model_config(params.model_name)["embed_dim"])
+
     def __init__(self, params: OpenClipParams):
         super().__init__()
-        try:
-            import open_clip
-        except ImportError as exc:
-            raise PluginError("the open-clip encoder needs open_clip_torch: "
-                              "pip install 'compatzoo[clip]'") from exc
-        if params.model_name not in open_clip.list_models():
-            raise PluginError(f"unknown open_clip architecture '{params.model_name}'; "
-                              f"known: {', '.join(open_clip.list_models()[:20])}, ...")
+        open_clip = _open_clip(params.model_name)
         model = open_clip.create_model(params.model_name, pretrained=None)
         self.visual = model.visual
         if params.weights is not None:

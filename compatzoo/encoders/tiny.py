@@ -22,8 +22,17 @@ def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
-def tiny_cnn(params: TinyCNNParams) -> PooledEncoder:
-    channels = [params.in_channels, *params.widths]
-    stages = [_stage(cin, cout, 1 if i == 0 else 2)
-              for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:]))]
-    return PooledEncoder(nn.Sequential(*stages), params.widths[-1], params)
+class TinyCNN(PooledEncoder):
+    """Conv-BN-ReLU stages, each after the first halving the resolution."""
+
+    Params = TinyCNNParams
+
+    def __init__(self, params: TinyCNNParams):
+        channels = [params.in_channels, *params.widths]
+        stages = [_stage(cin, cout, 1 if i == 0 else 2)
+                  for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:]))]
+        super().__init__(nn.Sequential(*stages), params.widths[-1], params)
+
+    @classmethod
+    def backbone_dim_of(cls, params: TinyCNNParams) -> int:
+        return params.widths[-1]

@@ -24,23 +24,33 @@ def _mobilenet_trunk(model: nn.Module) -> tuple[nn.Module, int]:
     return model.features, model.features[-1].out_channels
 
 
-ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], Callable]] = {
-    **{f"resnet{d}": (getattr(torchvision.models, f"resnet{d}"), _resnet_trunk)
-       for d in (18, 34, 50, 101, 152)},
-    "mobilenet_v2": (torchvision.models.mobilenet_v2, _mobilenet_trunk),
-    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, _mobilenet_trunk),
-    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, _mobilenet_trunk),
+ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], Callable, int]] = {
+    **{f"resnet{d}": (getattr(torchvision.models, f"resnet{d}"), _resnet_trunk, width)
+       for d, width in ((18, 512), (34, 512), (50, 2048), (101, 2048), (152, 2048))},
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, _mobilenet_trunk, 1280),
+    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, _mobilenet_trunk, 576),
+    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, _mobilenet_trunk, 960),
 }
 
 
-def torchvision_factory(arch: str) -> Callable[[TorchvisionParams], PooledEncoder]:
-    build, trunk_of = ARCHITECTURES[arch]
+class TorchvisionEncoder(PooledEncoder):
+    """A torchvision trunk (``arch``), randomly initialised or from local weights."""
 
-    def factory(params: TorchvisionParams) -> PooledEncoder:
+    Params = TorchvisionParams
+    arch: str
+
+    def __init__(self, params: TorchvisionParams):
+        build, trunk_of, _ = ARCHITECTURES[self.arch]
         # weights=None: torchvision must never download; local weights go through
         # params.weights (safetensors, loaded strictly into the trunk).
         trunk, dim = trunk_of(build(weights=None))
-        return PooledEncoder(trunk, dim, params)
+        super().__init__(trunk, dim, params)
 
-    factory.__name__ = f"{arch}_encoder"
-    return factory
+    @classmethod
+    def backbone_dim_of(cls, params: TorchvisionParams) -> int:
+        return ARCHITECTURES[cls.arch][2]
+
+
+def torchvision_encoder(arch: str) -> type[TorchvisionEncoder]:
+    """The encoder class registered as ``arch``."""
+    return type(f"TorchvisionEncoder_{arch}", (TorchvisionEncoder,), {"arch": arch})

@@ -1,29 +1,31 @@
-"""One training loop for old models, new models and their compat losses.
+"""Training an encoder and its head with a (compatibility) loss.
 
 The loop computes only what the active losses declare: the old encoder runs only when a
 loss needs old features of the augmented views, and the old-feature cache (phi_old over
-the training set, computed once) stands in where it is exact or allowed.
+the training set, computed once) stands in where it is exact or allowed. Optimisation
+itself is the shared loop of :mod:`compatzoo.engine.fitting`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from compatzoo.engine.checkpoints import save_state
 from compatzoo.engine.features import extract_features
+from compatzoo.engine.fitting import StepLog, fit_epochs
 from compatzoo.errors import SpecError, TrainingDivergedError
-from compatzoo.interfaces import (ClassifierHead, Encoder, FeatureCache, LossInputs,
-                                  TrainingContext, WeightedLoss)
-from compatzoo.specs import TrainSpec
+from compatzoo.interfaces import (OLD_MODEL_INPUTS, ClassifierHead, Encoder, FeatureCache,
+                                  LossInputs, TrainingContext, WeightedLoss)
+
+if TYPE_CHECKING:
+    from compatzoo.specs import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class TrainedModel:
     head: ClassifierHead
     classes: torch.Tensor
     history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -44,22 +47,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, cfg: TrainSpec) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up then cosine decay to zero (or constant)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def check_batches(labels, batch_size: int, min_classes: int, who: str) -> None:
+    """The batch rule: a loss that contrasts classes needs ``min_classes`` classes in every
+    batch, so in the batch and in the training set; and a training set holds at least one
+    batch. ``labels`` None checks the batch size alone (before any data is loaded)."""
+    if min_classes > 1 and batch_size < min_classes:
+        raise SpecError(f"{who}: its losses need samples of {min_classes} classes in every "
+                        f"batch (negatives), but batch_size is {batch_size}; raise "
+                        "train.batch_size")
+    if labels is None:
+        return
+    classes = len(np.unique(np.asarray(labels)))
+    if min_classes > 1 and classes < min_classes:
+        raise SpecError(f"{who}: its losses need samples of {min_classes} classes in every "
+                        f"batch, but its training set has {classes} class(es); choose another "
+                        "allocation or loss")
+    if len(labels) < batch_size:
+        raise SpecError(f"{who}: its training set has {len(labels)} items, fewer than "
+                        f"batch_size {batch_size}; lower train.batch_size")
 
 
 class _OldBranch:
@@ -122,23 +127,15 @@ def train_model(
     """
     device = resolve_device(cfg.device)
     needs = loss.required_inputs
-    old_needs = needs & {"old_features", "old_features_view2", "old_head", "old_feature_cache"}
+    old_needs = needs & OLD_MODEL_INPUTS
     if old_needs and old is None:
-        raise SpecError(f"the losses need {sorted(old_needs)} from an old model, but none was given")
-    labels = torch.as_tensor(dataset.labels)
-    classes = torch.unique(labels)
-    min_classes = loss.min_classes_per_batch
-    if min_classes > 1 and len(classes) < min_classes:
-        raise SpecError(f"the losses need samples of {min_classes} classes per batch, but the "
-                        f"training set has {len(classes)} class(es)")
-    if len(dataset) < cfg.batch_size:
-        raise SpecError(f"the training set has {len(dataset)} items, fewer than batch_size "
-                        f"{cfg.batch_size}; lower train.batch_size")
+        raise SpecError(f"{desc}: its losses need {sorted(old_needs)} from an old model, but "
+                        "none was given")
+    check_batches(dataset.labels, cfg.batch_size, loss.min_classes_per_batch, desc)
+    classes = torch.unique(torch.as_tensor(dataset.labels))
 
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    encoder.to(device).train()
-    head.to(device).train()
+    encoder.to(device)
+    head.to(device)
     loss.to(device)
     augment_is_identity = bool(getattr(augment, "is_identity", False))
     branch = (_OldBranch(old, dataset, old_needs, old_feature_cache, augment_is_identity,
@@ -152,79 +149,36 @@ def train_model(
         old_embedding_dim=old.encoder.embedding_dim if old else None,
         old_head=old.head if old else None, old_classes=old.classes if old else None,
         old_feature_cache=branch.cache if branch else None))
+    needs_view2 = "old_features_view2" in needs
 
-    params = [p for p in [*encoder.parameters(), *head.parameters(), *loss.parameters()]
-              if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    log_file = open(log_path, "a") if log_path else None
+    def batch_loss(index: torch.Tensor, generator: torch.Generator):
+        images, labels = dataset.get_batch(index)
+        images, labels = images.to(device), labels.to(device)
+        view1 = augment(images, generator=generator)
+        view2 = augment(images, generator=generator) if needs_view2 else None
+        return loss(LossInputs(
+            new_features=encoder(view1).float(), labels=labels, indices=index.to(device),
+            new_head=head if "new_head" in needs else None,
+            old_head=old.head if "old_head" in needs else None,
+            **(branch.features(index, view1, view2) if branch else {})))
+
+    model = nn.ModuleDict({"encoder": encoder, "head": head, "loss": loss})
+    step_log = StepLog(Path(log_path), cfg.log_every, desc) if log_path else None
     history: list[dict[str, Any]] = []
     last_good: str | None = None
-    needs_view2 = "old_features_view2" in needs
-    step = 0
     try:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(dataset), generator=generator)
-            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                       disable=not progress, leave=False)
-            running: dict[str, float] = {}
-            epoch_started = time.perf_counter()
-            for batch_no in bar:
-                index = order[batch_no * cfg.batch_size:(batch_no + 1) * cfg.batch_size]
-                images, batch_labels = dataset.get_batch(index)
-                images, batch_labels = images.to(device), batch_labels.to(device)
-                view1 = augment(images, generator=generator)
-                view2 = augment(images, generator=generator) if needs_view2 else None
-                with torch.autocast(device.type, enabled=use_amp):
-                    inputs = LossInputs(
-                        new_features=encoder(view1).float(), labels=batch_labels,
-                        indices=index.to(device),
-                        new_head=head if "new_head" in needs else None,
-                        old_head=old.head if "old_head" in needs else None,
-                        **(branch.features(index, view1, view2) if branch else {}))
-                    out = loss(inputs)
-                if not torch.isfinite(out.total):
-                    bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
-                    raise TrainingDivergedError(
-                        f"{desc}: loss became {out.total.item()} at epoch {epoch + 1}, step "
-                        f"{step} (non-finite parts: {bad or ['total']}); last good checkpoint: "
-                        f"{last_good or 'none saved yet'}. Lower the learning rate or the loss "
-                        "weights, or check the inputs for NaN.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                values = {"loss": out.total.item(), **{k: v.item() for k, v in out.parts.items()}}
-                for key, value in values.items():
-                    running[key] = running.get(key, 0.0) + value
-                bar.set_postfix(loss=f"{values['loss']:.3f}")
-                if log_file and step % cfg.log_every == 0:
-                    record = {"model": desc, "epoch": epoch + 1, "step": step,
-                              "lr": scheduler.get_last_lr()[0], **values}
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-            summary = {"epoch": epoch + 1, "steps": steps_per_epoch,
-                       "seconds": time.perf_counter() - epoch_started,
-                       **{k: v / max(1, steps_per_epoch) for k, v in running.items()}}
+        for summary in fit_epochs(model, len(dataset), batch_loss, cfg, seed=seed,
+                                  progress=progress, desc=desc, amp=cfg.amp,
+                                  step_log=step_log):
             history.append(summary)
-            log.info("%s epoch %d: %s", desc, epoch + 1,
+            log.info("%s epoch %d: %s", desc, summary["epoch"],
                      ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                if k not in ("epoch", "steps")))
             if checkpoint_dir is not None:
                 last_good = str(save_state(checkpoint_dir, {"encoder": encoder, "head": head},
-                                           {**(checkpoint_config or {}), "epoch": epoch + 1}))
-    finally:
-        if log_file:
-            log_file.close()
-    encoder.eval()
-    head.eval()
+                                           {**(checkpoint_config or {}),
+                                            "epoch": summary["epoch"]}))
+    except TrainingDivergedError as exc:
+        raise TrainingDivergedError(f"{exc}; last good checkpoint: "
+                                    f"{last_good or 'none saved yet'}") from None
     return TrainedModel(encoder=encoder, head=head, classes=classes.cpu(), history=history)
-

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from compatzoo.errors import DimensionMismatchError, SpecError
-from compatzoo.interfaces import CompatLoss, TrainingContext
+from compatzoo.plugin import CompatLoss, DimensionMismatchError, SpecError, TrainingContext
 
 
 def expect_dim(features: torch.Tensor, dim: int, what: str) -> None:
@@ -42,8 +41,8 @@ def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 class OldHeadLoss(CompatLoss):
     """Base of losses that use the old head on the classes the old model was trained on."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
         self.register_buffer("known", torch.zeros(0, dtype=torch.bool), persistent=False)
 
     def prepare(self, context: TrainingContext) -> None:

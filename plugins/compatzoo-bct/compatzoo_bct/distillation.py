@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compatzoo.errors import DimensionMismatchError
-from compatzoo.interfaces import LossInputs, LossOutput, TrainingContext, match_dim
+from compatzoo.plugin import (DimensionMismatchError, LossInputs, LossOutput, TrainingContext,
+                              match_dim)
 
 from compatzoo_bct.common import OldHeadLoss, expect_dim, frozen_logits, soft_kl
 
@@ -27,11 +27,8 @@ class LwFLoss(OldHeadLoss):
     samples of classes the old head knows, without margin, averaged over those samples.
     """
 
+    Params = LwFParams
     requires = frozenset({"old_head", "old_features"})
-
-    def __init__(self, params: LwFParams | None = None):
-        super().__init__()
-        self.params = params or LwFParams()
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         head = inputs.old_head
@@ -67,11 +64,11 @@ class FocalDistillationLoss(OldHeadLoss):
     Gradients reach the new features and the new head.
     """
 
+    Params = FocalDistillationParams
     requires = frozenset({"old_head", "old_features", "new_head"})
 
     def __init__(self, params: FocalDistillationParams | None = None):
-        super().__init__()
-        self.params = params or FocalDistillationParams()
+        super().__init__(params)
         self.register_buffer("old_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self._last_old_id = 0
 

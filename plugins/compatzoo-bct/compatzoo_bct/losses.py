@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from compatzoo.errors import SpecError
-from compatzoo.interfaces import CompatLoss, LossInputs, LossOutput, TrainingContext, match_dim
+from compatzoo.plugin import (CompatLoss, LossInputs, LossOutput, SpecError, TrainingContext,
+                              match_dim)
 
 from compatzoo_bct.common import OldHeadLoss, expect_dim, frozen_logits, soft_kl
 
@@ -34,20 +34,20 @@ class BCTLoss(OldHeadLoss):
     was not trained on (sec. 2.5); the loss is the mean over the samples that get a term.
     """
 
+    Params = BCTParams
     requires = frozenset({"old_head"})
     _MODE_INPUTS = {"ignore": frozenset(), "synthesized": frozenset({"old_feature_cache"}),
                     "distill": frozenset({"old_features"})}
 
     def __init__(self, params: BCTParams | None = None):
-        super().__init__()
-        self.params = params or BCTParams()
+        super().__init__(params)
         self.register_buffer("synth_weight", None, persistent=False)
         self.register_buffer("synth_bias", None, persistent=False)
         self._row_names: tuple[str, str | None] | None = None  # set by _synthesize
 
-    @property
-    def required_inputs(self) -> frozenset[str]:
-        return type(self).requires | self._MODE_INPUTS[self.params.new_classes]
+    @classmethod
+    def inputs(cls, params: BCTParams) -> frozenset[str]:
+        return cls.requires | cls._MODE_INPUTS[params.new_classes]
 
     def prepare(self, context: TrainingContext) -> None:
         super().prepare(context)
@@ -124,21 +124,10 @@ def _class_row_parameters(head: nn.Module) -> tuple[str, str | None]:
     return weights[0], biases[0] if biases else None
 
 
-class L2Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CosineParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class L2Loss(CompatLoss):
     """``||phi_new(x)[:d_old] - phi_old(x)||^2``, BCT's L2 regression baseline (sec. 3)."""
 
     requires = frozenset({"old_features"})
-
-    def __init__(self, params: L2Params | None = None):
-        super().__init__()
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         old = inputs.old_features.detach()
@@ -150,9 +139,6 @@ class CosineLoss(CompatLoss):
     """``mean(1 - cos(phi_new(x)[:d_old], phi_old(x)))``, BiCT's regression term (eq. 6)."""
 
     requires = frozenset({"old_features"})
-
-    def __init__(self, params: CosineParams | None = None):
-        super().__init__()
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         old = inputs.old_features.detach()

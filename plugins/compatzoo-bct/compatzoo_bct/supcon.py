@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from compatzoo.interfaces import CompatLoss, LossInputs, LossOutput, match_dim
+from compatzoo.plugin import CompatLoss, LossInputs, LossOutput, match_dim
 
 
 class SupConParams(BaseModel):
@@ -22,12 +22,9 @@ class SupConLoss(CompatLoss):
     positive of a cross-model term); the softmax runs over all keys ``P(i) ∪ N(i)``.
     """
 
+    Params = SupConParams
     requires = frozenset({"old_features"})
     min_batch_classes = 2
-
-    def __init__(self, params: SupConParams | None = None):
-        super().__init__()
-        self.params = params or SupConParams()
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         old = F.normalize(inputs.old_features.detach(), dim=1)

@@ -1,10 +1,10 @@
 """Entry point of the compatzoo-bict distribution (group ``compatzoo``)."""
 
-from compatzoo.hookspecs import hookimpl
+from compatzoo.plugin import hookimpl
 
-from compatzoo_bict.upgrader import BiCTMLP, BiCTMLPParams
+from compatzoo_bict.upgrader import BiCTMLP
 
 
 @hookimpl
 def register_components(register):
-    register("upgrader", "bict-mlp", BiCTMLP, BiCTMLPParams)
+    register("upgrader", "bict-mlp", BiCTMLP)

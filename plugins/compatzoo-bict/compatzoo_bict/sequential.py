@@ -8,7 +8,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from compatzoo.errors import DimensionMismatchError, SpecError
+from compatzoo.plugin import DimensionMismatchError, SpecError
 
 Features = TypeVar("Features", torch.Tensor, np.ndarray)
 

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from compatzoo.gallery import FitRecipe, check_fit_context, fit_minibatches
-from compatzoo.interfaces import (GalleryUpgrader, StoredGallery, UpgradeContext,
-                                  check_features)
+from compatzoo.plugin import (GalleryUpgrader, HopData, Recipe, StoredGallery, check_features,
+                              fit_minibatches)
 
 from compatzoo_bict.sequential import momentum_input
 
 
-class BiCTMLPParams(FitRecipe):
+class BiCTMLPParams(Recipe):
     """psi's width and its training recipe; defaults are BiCT's tables 7-8."""
 
     hidden_dim: int = Field(4096, ge=1, description="d_h (BiCT sec. 4.2: 4096 by default; "
@@ -56,8 +55,12 @@ def mlp_layers(input_dim: int, hidden_dim: int, output_dim: int,
 class BiCTMLP(GalleryUpgrader):
     """psi: ``d_old -> d_h -> d_h -> d_h -> d_new`` (appendix A.2), no side information."""
 
+    Params = BiCTMLPParams
+    # In a chain, psi trains on the items as the chain stores them (eq. 9).
+    fits_on_stored = True
+
     def __init__(self, params: BiCTMLPParams | None = None, input_dim: int = 0,
-                 output_dim: int = 0, **_: int):
+                 output_dim: int = 0):
         super().__init__()
         self.params = params or BiCTMLPParams()
         self.input_dim, self.output_dim, self.side_dim = input_dim, output_dim, 0
@@ -82,20 +85,19 @@ class BiCTMLP(GalleryUpgrader):
         features = self.upgrade(self.momentum_input(stored), None, chunk_size)
         return StoredGallery(torch.from_numpy(features), None, stored.features)
 
-    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+    def fit(self, data: HopData) -> list[dict[str, float]]:
         """Cosine regression towards the frozen new features (BiCT step 2). In a chain the
         inputs are the training items as the chain stores them (F_(i-1), and F_(i-2) for
         the momentum input), not phi_(i-1) of the images: that is what psi_i will meet."""
-        check_fit_context(context, self.input_dim, self.output_dim)
-        self.to(context.device)
-        old = self.momentum_input(context.stored_training_items()).to(context.device,
-                                                                      torch.float32)
+        data.check(self.input_dim, self.output_dim)
+        self.to(data.device)
+        old = self.momentum_input(data.stored_items()).to(data.device, torch.float32)
         check_features(old, self.input_dim, "psi's training inputs (as the chain stores them)")
-        new = context.new_features.to(context.device, torch.float32)
+        new = data.new_features.to(data.device, torch.float32)
 
         def batch_loss(index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
-            index = index.to(context.device)
+            index = index.to(data.device)
             return (1.0 - F.cosine_similarity(self(old[index]), new[index], dim=1)).mean()
 
-        return fit_minibatches(self, len(old), batch_loss, self.params, seed=context.seed,
-                               progress=context.progress, desc="bict psi")
+        return fit_minibatches(self, len(old), batch_loss, self.params, seed=data.seed,
+                               progress=data.progress, desc="bict psi")

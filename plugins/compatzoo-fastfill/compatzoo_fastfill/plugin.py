@@ -1,12 +1,12 @@
 """Entry point of the compatzoo-fastfill distribution (group ``compatzoo``)."""
 
-from compatzoo.hookspecs import hookimpl
+from compatzoo.plugin import hookimpl
 
-from compatzoo_fastfill.scheduler import SigmaParams, SigmaScheduler
-from compatzoo_fastfill.upgrader import FastFillParams, FastFillUpgrader
+from compatzoo_fastfill.scheduler import SigmaScheduler
+from compatzoo_fastfill.upgrader import FastFillUpgrader
 
 
 @hookimpl
 def register_components(register):
-    register("upgrader", "fastfill", FastFillUpgrader, FastFillParams)
-    register("scheduler", "fastfill-sigma", SigmaScheduler, SigmaParams)
+    register("upgrader", "fastfill", FastFillUpgrader)
+    register("scheduler", "fastfill-sigma", SigmaScheduler)

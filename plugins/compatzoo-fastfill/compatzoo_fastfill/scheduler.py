@@ -4,24 +4,16 @@ confidently (largest sigma) are re-embedded first."""
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-from compatzoo.gallery import check_gallery_state, descending_order
-from compatzoo.interfaces import BackfillScheduler, GalleryState
-
-
-class SigmaParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from compatzoo.plugin import BackfillScheduler, BackfillState, check_backfill_state, descending_order
 
 
 class SigmaScheduler(BackfillScheduler):
-    """Order by ``GalleryState.uncertainty`` (FastFillUpgrader.uncertainty) descending."""
+    """Order by the per-item signal ``sigma`` (published by the fastfill upgrader),
+    largest first."""
 
-    requires = frozenset({"uncertainty"})
+    needs_signals = frozenset({"sigma"})
 
-    def __init__(self, params: SigmaParams | None = None):
-        self.params = params or SigmaParams()
-
-    def order(self, gallery: GalleryState, seed: int = 0) -> np.ndarray:
-        check_gallery_state("fastfill-sigma", self, gallery)
-        return descending_order(gallery.uncertainty)
+    def order(self, state: BackfillState, seed: int = 0) -> np.ndarray:
+        check_backfill_state("fastfill-sigma", self, state)
+        return descending_order(state.signals["sigma"])

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 from torch.func import functional_call
 
-from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
-from compatzoo.interfaces import GalleryUpgrader, UpgradeContext
+from compatzoo.plugin import (DimensionMismatchError, HopData, InvalidFeaturesError, SpecError,
+                              StoredGallery, apply_in_chunks)
 from compatzoo_fct import FCTParams, FCTTransformation
 from compatzoo_fct.transformation import MappingLoss
 
@@ -37,14 +38,13 @@ def fastfill_loss(features: torch.Tensor, sigma: torch.Tensor, target: torch.Ten
 
 
 class FastFillUpgrader(FCTTransformation):
-    """h(phi_old, psi) -> (phi_new estimate, sigma); ``upgrade`` returns the estimate,
-    ``uncertainty`` the sigma of each stored item."""
+    """h(phi_old, psi) -> (phi_new estimate, sigma); ``upgrade`` returns the estimate and
+    the per-item signal ``sigma`` (a log-variance: larger is less certain) orders the
+    backfill."""
 
+    Params = FastFillParams
     extra_outputs = 1
-
-    def __init__(self, params: FastFillParams | None = None, input_dim: int = 0,
-                 output_dim: int = 0, side_dim: int = 0):
-        super().__init__(params or FastFillParams(), input_dim, output_dim, side_dim)
+    publishes = frozenset({"sigma"})
 
     def predict(self, old: torch.Tensor,
                 side: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,28 +54,31 @@ class FastFillUpgrader(FCTTransformation):
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict(old, side)[0]
 
-    @torch.no_grad()
-    def uncertainty(self, old: np.ndarray | torch.Tensor,
-                    side: np.ndarray | torch.Tensor | None = None,
-                    chunk_size: int = 65536) -> np.ndarray:
-        """sigma per stored item, with ``upgrade``'s checks and chunking."""
-        return _SigmaView(self).train(self.training).upgrade(old, side, chunk_size)[:, 0]
+    def signals(self, stored: StoredGallery, chunk_size: int = 65536) -> dict[str, np.ndarray]:
+        return {"sigma": self.sigma(stored.features, stored.side, chunk_size)}
 
-    def mapping_loss(self, context: UpgradeContext) -> MappingLoss:
+    @torch.no_grad()
+    def sigma(self, old: np.ndarray | torch.Tensor, side: np.ndarray | torch.Tensor | None = None,
+              chunk_size: int = 65536) -> np.ndarray:
+        """sigma per stored item, with ``upgrade``'s checks and chunking."""
+        return apply_in_chunks(_Sigma(self).train(self.training), old, side, self.input_dim,
+                               self.side_dim, 1, chunk_size)[:, 0]
+
+    def mapping_loss(self, data: HopData) -> MappingLoss:
         """FastFill's loss through the frozen new head, used without margin labels."""
-        head = context.new_head
+        head = data.new_head
         if head is None:
             raise SpecError("the fastfill upgrader needs the new model's classifier head "
-                            "(UpgradeContext.new_head) for its discriminative term; train the "
+                            "(HopData.new_head) for its discriminative term; train the "
                             "new model with a head or use fct-transformation")
         if getattr(head, "embedding_dim", self.output_dim) != self.output_dim:
             raise DimensionMismatchError(f"the new head takes {head.embedding_dim}-d features but "
                                          f"the upgrader outputs {self.output_dim}")
         classes = getattr(head, "num_classes", None)
-        if classes is not None and int(context.labels.max()) >= classes:
-            raise InvalidFeaturesError(f"training labels reach {int(context.labels.max())} but the "
+        if classes is not None and int(data.labels.max()) >= classes:
+            raise InvalidFeaturesError(f"training labels reach {int(data.labels.max())} but the "
                                        f"new head has {classes} classes")
-        head.to(context.device)
+        head.to(data.device)
         frozen = {name: p.detach() for name, p in head.named_parameters()}
         p = self.params
 
@@ -88,13 +91,12 @@ class FastFillUpgrader(FCTTransformation):
         return loss
 
 
-class _SigmaView(GalleryUpgrader):
-    """sigma as a one-column 'upgrade' of the wrapped FastFill upgrader."""
+class _Sigma(nn.Module):
+    """sigma as a one-column output of the wrapped FastFill upgrader."""
 
     def __init__(self, upgrader: FastFillUpgrader):
         super().__init__()
         self.upgrader = upgrader
-        self.input_dim, self.side_dim, self.output_dim = upgrader.input_dim, upgrader.side_dim, 1
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.upgrader.predict(old, side)[1][:, None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compatzoo.errors import InvalidFeaturesError
+from compatzoo.plugin import InvalidFeaturesError
 
 
 def linear_cka(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> float:

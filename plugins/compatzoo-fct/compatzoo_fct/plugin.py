@@ -1,11 +1,11 @@
 """Entry point of the compatzoo-fct distribution (group ``compatzoo``)."""
 
-from compatzoo.hookspecs import hookimpl
+from compatzoo.plugin import hookimpl
 
-from compatzoo_fct.transformation import FCTParams, FCTSideTransformation, FCTTransformation
+from compatzoo_fct.transformation import FCTSideTransformation, FCTTransformation
 
 
 @hookimpl
 def register_components(register):
-    register("upgrader", "fct-transformation", FCTTransformation, FCTParams)
-    register("upgrader", "fct-side-transformation", FCTSideTransformation, FCTParams)
+    register("upgrader", "fct-transformation", FCTTransformation)
+    register("upgrader", "fct-side-transformation", FCTSideTransformation)

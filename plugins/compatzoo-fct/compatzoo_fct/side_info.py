@@ -17,16 +17,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-import compatzoo
-from compatzoo.engine import extract_features
-from compatzoo.errors import InvalidFeaturesError, SpecError
-from compatzoo.gallery import FitRecipe, fit_minibatches
+from compatzoo.plugin import (InvalidFeaturesError, Recipe, SpecError, create_encoder,
+                              extract_features, fit_minibatches)
 
 SideInfoName = Literal["simclr", "alt-old", "alt-old-mixup", "autoencoder", "none", "old-embedding"]
 Augment = Callable[..., torch.Tensor] | None
 
 
-class SideModelParams(FitRecipe):
+class SideModelParams(Recipe):
     """The side encoder and its training; defaults are compatzoo's old-model recipe, since
     FCT trains the side model like an old model (its appendix settings are not public)."""
 
@@ -113,7 +111,7 @@ class LearnedSide(SideInformation):
     def __init__(self, params: SideModelParams, side_dim: int, old_dim: int):
         super().__init__(params, side_dim, old_dim)
         self.stored_dim = side_dim
-        self.encoder = compatzoo.create_encoder(params.encoder, **params.encoder_params,
+        self.encoder = create_encoder(params.encoder, **params.encoder_params,
                                                 embedding_dim=side_dim)
         self.fitted.fill_(False)
 
@@ -128,7 +126,7 @@ class LearnedSide(SideInformation):
             progress: bool) -> list[dict[str, float]]:
         if self.needs_augment and augment is None:
             raise SpecError(f"{type(self).__name__} contrasts two augmented views; give the "
-                            "upgrade context an augment callable")
+                            "hop data (HopData.augment) an augment callable")
         heads = self.training_heads(images)
         model = nn.ModuleDict({"encoder": self.encoder, "heads": heads}).to(device)
 

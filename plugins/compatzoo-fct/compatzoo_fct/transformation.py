@@ -12,10 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from compatzoo.errors import InvalidFeaturesError, SpecError
-from compatzoo.gallery import FitRecipe, check_fit_context, fit_minibatches
-from compatzoo.interfaces import (GalleryUpgrader, StoredGallery, UpgradeContext,
-                                  check_features)
+from compatzoo.plugin import (GalleryUpgrader, HopData, InvalidFeaturesError, Recipe, SpecError,
+                              StoredGallery, check_features, fit_minibatches)
 
 from compatzoo_fct.side_info import (SIDE_INFORMATION, LearnedSide, SideInfoName,
                                      SideInformation, SideModelParams)
@@ -24,7 +22,7 @@ MappingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SIDE_SEED_OFFSET = 1  # side models train with another seed than the old model
 
 
-class FCTParams(FitRecipe):
+class FCTParams(Recipe):
     """h's architecture, its side information and its recipe (ml-fct
     configs/*_transformation.yaml: Adam 5e-4, wd 2^-15, cosine with 5 warm-up epochs,
     80 epochs, batch 1024, eval mode for the second half)."""
@@ -82,11 +80,11 @@ def make_side_model(params: FCTParams, old_dim: int) -> SideInformation:
     return SIDE_INFORMATION[params.side_info](params.side_model, params.side_info_dim, old_dim)
 
 
-def _fit_side(side_model: SideInformation, images: Any, context: UpgradeContext,
+def _fit_side(side_model: SideInformation, images: Any, data: HopData,
               prefix: str) -> list[dict[str, float]]:
     """Train a side model on ``images``; its per-epoch logs are prefixed ``prefix/``."""
-    logs = side_model.fit(images, context.augment, context.device,
-                          context.seed + SIDE_SEED_OFFSET, context.progress)
+    logs = side_model.fit(images, data.augment, data.device, data.seed + SIDE_SEED_OFFSET,
+                          data.progress)
     return [{f"{prefix}/{key}": value for key, value in log.items()} for log in logs]
 
 
@@ -99,19 +97,16 @@ class FCTTransformation(GalleryUpgrader):
     ``old-embedding``); a conflicting ``side_dim`` passed by the caller is an error.
     """
 
+    Params = FCTParams
     extra_outputs: ClassVar[int] = 0
 
     def __init__(self, params: FCTParams | None = None, input_dim: int = 0,
-                 output_dim: int = 0, side_dim: int = 0):
+                 output_dim: int = 0):
         super().__init__()
-        self.params = params or FCTParams()
+        self.params = params or type(self).Params()
         self.input_dim, self.output_dim = input_dim, output_dim
         self.side_model = make_side_model(self.params, input_dim)
         self.side_dim = self.side_model.stored_dim
-        if side_dim and side_dim != self.side_dim:
-            raise SpecError(f"side_dim {side_dim} was passed, but side_info "
-                            f"'{self.params.side_info}' stores {self.side_dim} values per item; "
-                            "set params.side_info_dim instead")
         self.net = FCTNet(input_dim, self.side_model.input_dim, output_dim,
                           self.params.inner_dim, self.extra_outputs)
         self.side_transformation = (
@@ -144,12 +139,17 @@ class FCTTransformation(GalleryUpgrader):
                             f"{side_model.input_dim}: this upgrader was built for a "
                             f"{type(mine).__name__} of width {mine.input_dim}")
 
+    def carried_side_model(self) -> SideInformation | None:
+        """psi_(i+1), whose output g's side information stands for (with transform_side)."""
+        g = self.side_transformation
+        return None if g is None else g.next_side_model
+
     def _side_model_to_adopt(self, previous: GalleryUpgrader | None) -> SideInformation | None:
-        """psi_i from the previous hop's g, when it has one and this h learns side info."""
-        carried = getattr(previous, "side_transformation", None)
+        """The side model the previous hop carried on, when this h learns side info."""
+        carried = None if previous is None else previous.carried_side_model()
         if carried is None or not isinstance(self.side_model, LearnedSide):
             return None
-        return carried.next_side_model
+        return carried
 
     def follows(self, previous: GalleryUpgrader) -> None:
         side_model = self._side_model_to_adopt(previous)
@@ -165,46 +165,54 @@ class FCTTransformation(GalleryUpgrader):
                 self.side_transformation.upgrade(stored.features, stored.side, chunk_size))
         return StoredGallery(features, side, stored.features)
 
-    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+    def fit(self, data: HopData) -> list[dict[str, float]]:
         """Side model on old_train (if not trained yet), then h on new_train, then g.
 
         In a chain, psi_i is the side model the previous hop's g was trained to produce,
         so the side information the chain carries is the kind h was trained on."""
-        check_fit_context(context, self.input_dim, self.output_dim)
-        loss = self.mapping_loss(context)
-        adopted = self._side_model_to_adopt(context.previous_upgrader)
+        data.check(self.input_dim, self.output_dim)
+        loss = self.mapping_loss(data)
+        if isinstance(self.side_model, LearnedSide) and data.new_train is None:
+            raise SpecError(f"side_info '{self.params.side_info}' extracts side information "
+                            "from the training images; give HopData.new_train (and old_train), "
+                            "or use side_info none or old-embedding")
+        adopted = self._side_model_to_adopt(data.previous_upgrader)
         if adopted is not None and not bool(self.side_model.fitted):
             self.adopt_side_model(adopted)
-        logs = self.fit_side_model(context)
-        side = self.side_model.extract(context.new_train, progress=context.progress)
-        logs += self.fit_mapping(context, side, context.new_features, loss)
+        logs = self.fit_side_model(data)
+        side = self.side_model.extract(data.new_train, progress=data.progress)
+        logs += self.fit_mapping(data, side, data.new_features, loss)
         if self.side_transformation is not None:
             self.side_transformation.adopt_side_model(self.side_model)
             logs += [{f"g/{k}": v for k, v in log.items()}
-                     for log in self.side_transformation.fit(context)]
+                     for log in self.side_transformation.fit(data)]
         return logs
 
-    def mapping_loss(self, context: UpgradeContext) -> MappingLoss:
+    def mapping_loss(self, data: HopData) -> MappingLoss:
         """``(net output, target, labels) -> loss``: the reference's nn.MSELoss, the mean
         over items and dimensions. Built before any training so subclasses can fail early."""
         return lambda output, target, labels: F.mse_loss(output, target)
 
-    def fit_side_model(self, context: UpgradeContext) -> list[dict[str, float]]:
+    def fit_side_model(self, data: HopData) -> list[dict[str, float]]:
         """Train psi on the old training images only (FCT sec. 3.2), unless trained already."""
         if bool(self.side_model.fitted):
             return []
-        return _fit_side(self.side_model, context.old_train, context, "side")
+        if data.old_train is None:
+            raise SpecError(f"side_info '{self.params.side_info}' trains a side model on the "
+                            "old model's training images; give HopData.old_train (and "
+                            "new_train), or use side_info none or old-embedding")
+        return _fit_side(self.side_model, data.old_train, data, "side")
 
-    def fit_mapping(self, context: UpgradeContext, side: torch.Tensor | None,
+    def fit_mapping(self, data: HopData, side: torch.Tensor | None,
                     target: torch.Tensor, loss: MappingLoss) -> list[dict[str, float]]:
         """Regress the net's output on ``target`` over new_train with the frozen
         (phi_old(x), s(x)) as input; BatchNorm freezes as the recipe says."""
-        device = context.device
+        device = data.device
         self.to(device)
-        old = context.old_features.to(device, torch.float32)
+        old = data.old_features.to(device, torch.float32)
         target = target.to(device, torch.float32)
         side = None if side is None else side.to(device, torch.float32)
-        labels = context.labels.to(device)
+        labels = data.labels.to(device)
         for name, value in (("target", target), ("side information", side), ("labels", labels)):
             if value is not None and len(value) != len(old):
                 raise InvalidFeaturesError(f"{len(old)} old training features but {len(value)} "
@@ -216,8 +224,8 @@ class FCTTransformation(GalleryUpgrader):
             output = self.net(old[index], self.side_model.branch_input(old[index], stored))
             return loss(output, target[index], labels[index])
 
-        logs = fit_minibatches(self.net, len(old), batch_loss, self.params, seed=context.seed,
-                               progress=context.progress, desc=type(self).__name__)
+        logs = fit_minibatches(self.net, len(old), batch_loss, self.params, seed=data.seed,
+                               progress=data.progress, desc=type(self).__name__)
         self.eval()
         return logs
 
@@ -237,20 +245,20 @@ class FCTSideTransformation(FCTTransformation):
     """
 
     def __init__(self, params: FCTParams | None = None, input_dim: int = 0,
-                 output_dim: int = 0, side_dim: int = 0):
+                 output_dim: int = 0):
         params = params or FCTParams()
         if not issubclass(SIDE_INFORMATION[params.side_info], LearnedSide):
             raise SpecError(f"fct-side-transformation maps learned side information to the next "
                             f"version's; side_info '{params.side_info}' stores none")
-        super().__init__(params, input_dim, params.side_info_dim, side_dim)
+        super().__init__(params, input_dim, params.side_info_dim)
         self.next_side_model = make_side_model(params, input_dim)
 
-    def fit(self, context: UpgradeContext) -> list[dict[str, float]]:
+    def fit(self, data: HopData) -> list[dict[str, float]]:
         """psi_i on old_train (if not adopted), psi_{i+1} on new_train, then g on new_train."""
-        check_features(context.old_features, self.input_dim, "old features of the training set")
-        loss = self.mapping_loss(context)
-        logs = self.fit_side_model(context)
-        logs += _fit_side(self.next_side_model, context.new_train, context, "next_side")
-        side = self.side_model.extract(context.new_train, progress=context.progress)
-        target = self.next_side_model.extract(context.new_train, progress=context.progress)
-        return logs + self.fit_mapping(context, side, target, loss)
+        check_features(data.old_features, self.input_dim, "old features of the training set")
+        loss = self.mapping_loss(data)
+        logs = self.fit_side_model(data)
+        logs += _fit_side(self.next_side_model, data.new_train, data, "next_side")
+        side = self.side_model.extract(data.new_train, progress=data.progress)
+        target = self.next_side_model.extract(data.new_train, progress=data.progress)
+        return logs + self.fit_mapping(data, side, target, loss)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from compatzoo.errors import DimensionMismatchError, SpecError
-from compatzoo.interfaces import CompatLoss, LossInputs, LossOutput, TrainingContext
+from compatzoo.plugin import (CompatLoss, DimensionMismatchError, LossInputs, LossOutput,
+                              SpecError, TrainingContext)
 
 
 def credible_mask(features: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -56,11 +56,11 @@ class MixBCTLoss(CompatLoss):
     paper's ArcFace head normalises them anyway.
     """
 
+    Params = MixBCTParams
     requires = frozenset({"old_feature_cache", "new_head"})
 
     def __init__(self, params: MixBCTParams | None = None):
-        super().__init__()
-        self.params = params or MixBCTParams()
+        super().__init__(params)
         self.old_features: torch.Tensor | None = None  # stays on the CPU, like the cache
         self.register_buffer("credible", None, persistent=False)
         self.generator = torch.Generator().manual_seed(self.params.seed)

@@ -1,10 +1,10 @@
 """Entry point of the compatzoo-mixbct distribution (group ``compatzoo``)."""
 
-from compatzoo.hookspecs import hookimpl
+from compatzoo.plugin import hookimpl
 
-from compatzoo_mixbct.losses import MixBCTLoss, MixBCTParams
+from compatzoo_mixbct.losses import MixBCTLoss
 
 
 @hookimpl
 def register_components(register):
-    register("loss", "mixbct", MixBCTLoss, MixBCTParams)
+    register("loss", "mixbct", MixBCTLoss)

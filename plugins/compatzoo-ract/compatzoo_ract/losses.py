@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from compatzoo.distributed import all_gather_with_grad
-from compatzoo.interfaces import CompatLoss, LossInputs, LossOutput, match_dim
+from compatzoo.plugin import CompatLoss, LossInputs, LossOutput, all_gather_with_grad, match_dim
 
 _GATHER = Field(True, description="take negatives from the batches of all processes when "
                 "torch.distributed is initialised (the reference code does)")
@@ -74,12 +73,9 @@ def _info_nce(positive: torch.Tensor, *negatives: torch.Tensor) -> torch.Tensor:
 class ContrastiveLoss(CompatLoss):
     """Vanilla contrastive compatibility (eq. 5): new-to-old negatives only."""
 
+    Params = ContrastiveParams
     requires = frozenset({"old_features_view2"})
     min_batch_classes = 2
-
-    def __init__(self, params: ContrastiveParams | None = None):
-        super().__init__()
-        self.params = params or ContrastiveParams()
 
     def negatives(self, similarity: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """Similarities to negatives (others at -inf), cut to the top k when asked."""
@@ -105,8 +101,7 @@ class RACTLoss(ContrastiveLoss):
     split form of eq. 13, two InfoNCE terms that share the positive.
     """
 
-    def __init__(self, params: RACTParams | None = None):
-        super().__init__(params or RACTParams())
+    Params = RACTParams
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         p = self.params
@@ -141,13 +136,10 @@ class TripletLoss(CompatLoss):
     that have at least one negative in the (gathered) batch.
     """
 
+    Params = TripletParams
     requires = frozenset({"old_features_view2"})
     min_batch_classes = 2
     new_to_new = False
-
-    def __init__(self, params: TripletParams | None = None):
-        super().__init__()
-        self.params = params or TripletParams()
 
     def hinge(self, positive: torch.Tensor, distance: torch.Tensor,
               negative: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,15 @@
 """Entry point of the compatzoo-ract distribution (group ``compatzoo``)."""
 
-from compatzoo.hookspecs import hookimpl
+from compatzoo.plugin import hookimpl
 
-from compatzoo_ract.losses import (ContrastiveLoss, ContrastiveParams, RACTLoss, RACTParams,
-                                   RACTTripletLoss, TripletLoss, TripletParams)
-from compatzoo_ract.schedulers import UncertaintyParams, UncertaintyScheduler
+from compatzoo_ract.losses import ContrastiveLoss, RACTLoss, RACTTripletLoss, TripletLoss
+from compatzoo_ract.schedulers import UncertaintyScheduler
 
 
 @hookimpl
 def register_components(register):
-    register("loss", "ract", RACTLoss, RACTParams)
-    register("loss", "contrastive", ContrastiveLoss, ContrastiveParams)
-    register("loss", "ract-triplet", RACTTripletLoss, TripletParams)
-    register("loss", "triplet", TripletLoss, TripletParams)
-    register("scheduler", "uncertainty", UncertaintyScheduler, UncertaintyParams)
+    register("loss", "ract", RACTLoss)
+    register("loss", "contrastive", ContrastiveLoss)
+    register("loss", "ract-triplet", RACTTripletLoss)
+    register("loss", "triplet", TripletLoss)
+    register("scheduler", "uncertainty", UncertaintyScheduler)

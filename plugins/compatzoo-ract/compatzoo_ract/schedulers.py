@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compatzoo.errors import SpecError
-from compatzoo.gallery import check_gallery_state, descending_order
-from compatzoo.interfaces import BackfillScheduler, GalleryState, match_dim
+from compatzoo.plugin import (BackfillScheduler, BackfillState, SpecError, check_backfill_state,
+                              descending_order, match_dim)
 
 _LOGITS_PER_CHUNK = 2**24  # bounds the (rows x classes) probabilities held at once
 
@@ -49,29 +48,27 @@ class UncertaintyScheduler(BackfillScheduler):
     score first; equal scores keep the gallery order. Old features wider or narrower than
     the head are cut or zero-padded (BCT's rule, :func:`match_dim`)."""
 
+    Params = UncertaintyParams
     requires = frozenset({"new_head"})
 
-    def __init__(self, params: UncertaintyParams | None = None):
-        self.params = params or UncertaintyParams()
-
     @torch.no_grad()
-    def order(self, gallery: GalleryState, seed: int = 0) -> np.ndarray:
-        check_gallery_state("uncertainty", self, gallery)
-        head = gallery.new_head
+    def order(self, state: BackfillState, seed: int = 0) -> np.ndarray:
+        check_backfill_state("uncertainty", self, state)
+        head = state.new_head
         classes = getattr(head, "num_classes", None)
         if self.params.measure == "margin" and classes is not None and classes < 2:
             raise SpecError("the margin measure compares the two most likely classes, but the "
                             "new head has one class; use least-confidence or entropy")
         parameter = next(head.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        dim = getattr(head, "embedding_dim", gallery.old_features.shape[1])
+        dim = getattr(head, "embedding_dim", state.old_features.shape[1])
         score = MEASURES[self.params.measure]
         rows = max(1, _LOGITS_PER_CHUNK // max(1, classes or 1))
         was_training = head.training
         head.eval()
         scores = []
-        for start in range(0, len(gallery.old_features), rows):
-            features = torch.as_tensor(np.asarray(gallery.old_features[start:start + rows]),
+        for start in range(0, len(state.old_features), rows):
+            features = torch.as_tensor(np.asarray(state.old_features[start:start + rows]),
                                        dtype=torch.float32, device=device)
             probs = torch.softmax(head(match_dim(features, dim)).float(), dim=1)
             scores.append(score(probs).cpu())

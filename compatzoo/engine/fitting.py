@@ -1,0 +1,165 @@
+"""The one optimisation loop: encoders, their heads, upgraders and side-information models
+all train through :func:`fit_epochs` with a :class:`Recipe`.
+
+A recipe is the optimiser and its schedule: epochs, batch size, optimiser, learning rate
+with linear warm-up per step then cosine decay to zero (or constant), and optionally
+BatchNorm statistics frozen for the last part of training (the FCT reference does so).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from compatzoo.errors import SpecError, TrainingDivergedError
+from compatzoo.interfaces import LossOutput
+
+
+class Recipe(BaseModel):
+    """How a module is optimised. Component params subclass it and override the defaults
+    with their paper's values; the defaults here are a classifier's (SGD 0.1, cosine)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(10, ge=1, description="passes over the training items")
+    batch_size: int = Field(128, ge=1, description="items per step (all items when fewer)")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimiser")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov when > 0)")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the warm-up: cosine decay to zero, or constant")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length in epochs")
+    freeze_bn_from: float | None = Field(
+        None, ge=0, le=1, description="fraction of the epochs after which the model trains in "
+        "eval mode, i.e. with BatchNorm statistics frozen (None: never)")
+
+
+def build_optimizer(parameters, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+    kind = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up then cosine decay to zero (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate schedule of ``recipe`` over ``steps_per_epoch * epochs`` steps."""
+    total = steps_per_epoch * recipe.epochs
+    warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, recipe.schedule))
+
+
+@dataclass
+class StepLog:
+    """Append a JSON line of every loss part each ``every`` steps to ``path``."""
+
+    path: Path
+    every: int
+    model: str
+
+
+BatchLoss = Callable[[torch.Tensor, torch.Generator], "torch.Tensor | LossOutput"]
+
+
+def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: Recipe, *,
+               seed: int = 0, progress: bool = True, desc: str = "fit", amp: bool = False,
+               step_log: StepLog | None = None) -> Iterator[dict[str, float]]:
+    """Train ``model``'s trainable parameters on shuffled batches of item indices, yielding
+    each epoch's summary (mean loss and parts, learning rate, seconds) as it ends.
+
+    ``batch_loss(indices, generator)`` returns one batch's loss (a scalar or a
+    :class:`LossOutput` with named parts); the model must already be on the loss's device.
+    The last incomplete batch of an epoch is dropped. ``amp`` runs the loss in mixed
+    precision with a gradient scaler where CUDA is present (a no-op on the CPU). A
+    non-finite loss stops training with :class:`TrainingDivergedError`.
+    """
+    if num_items < 2:
+        raise SpecError(f"{desc}: needs at least 2 training items, got {num_items}")
+    batch = min(recipe.batch_size, num_items)
+    steps = num_items // batch
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], recipe)
+    schedule = build_schedule(optimizer, recipe, steps)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    log_file = open(step_log.path, "a") if step_log else None
+    step = 0
+    try:
+        for epoch in range(recipe.epochs):
+            freeze = recipe.freeze_bn_from
+            model.train(freeze is None or epoch < freeze * recipe.epochs)
+            order = torch.randperm(num_items, generator=generator)
+            lr, started = schedule.get_last_lr()[0], time.perf_counter()
+            running: dict[str, float] = {}
+            bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{recipe.epochs}",
+                       disable=not progress, leave=False)
+            for batch_no in bar:
+                with torch.autocast(device.type, enabled=use_amp):
+                    out = batch_loss(order[batch_no * batch:(batch_no + 1) * batch], generator)
+                if not isinstance(out, LossOutput):
+                    out = LossOutput(out)
+                check_finite(out, desc, epoch + 1, step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                step += 1
+                values = {"loss": out.total.item(), **{k: v.item() for k, v in out.parts.items()}}
+                for key, value in values.items():
+                    running[key] = running.get(key, 0.0) + value
+                if progress:
+                    bar.set_postfix(loss=f"{values['loss']:.3f}")
+                if log_file and step % step_log.every == 0:
+                    log_file.write(json.dumps({"model": step_log.model, "epoch": epoch + 1,
+                                               "step": step, "lr": schedule.get_last_lr()[0],
+                                               **values}) + "\n")
+                    log_file.flush()
+            yield {"epoch": epoch + 1, "steps": steps, "lr": lr,
+                   "seconds": time.perf_counter() - started,
+                   **{key: value / steps for key, value in running.items()}}
+    finally:
+        if log_file:
+            log_file.close()
+        model.eval()
+
+
+def fit_minibatches(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: Recipe,
+                    **options) -> list[dict[str, float]]:
+    """:func:`fit_epochs` run to the end; the per-epoch summaries."""
+    return list(fit_epochs(model, num_items, batch_loss, recipe, **options))
+
+
+def check_finite(out: LossOutput, desc: str, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss, naming where and which parts."""
+    if torch.isfinite(out.total):
+        return
+    bad = [name for name, value in out.parts.items() if not torch.isfinite(value)]
+    raise TrainingDivergedError(
+        f"{desc}: loss became {out.total.item()} at epoch {epoch}, step {step} (non-finite "
+        f"parts: {bad or ['total']}). Lower the learning rate or the loss weights, or check "
+        "the inputs for NaN")
