@@ -167,43 +167,32 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
     """Fit every hop on its target's training set, oldest target first, and carry the
     stored galleries through each fitted hop at once."""
     upgrades = Upgrades()
-    gallery = run.gallery_images
     for name in lineage.new:
         generation = lineage.generations[name]
         items = run.train_sets[name]
-        features: dict[str, torch.Tensor] = {}
-
-        def phi(of: str) -> torch.Tensor:
-            """``of``'s features of this generation's training items (computed once)."""
-            if of not in features:
-                features[of] = extract_features(models[of].encoder, items, options.batch_size,
-                                                options.device, options.progress,
-                                                f"{of} features (upgrader)")
-            return features[of]
-
+        features = _ItemFeatures(models, items, options)
         seed_everything(generation.seed)
         for hop in lineage.hops_into(name):
             started = time.perf_counter()
             upgrader = hop.build()
-            previous = lineage.chain_hop(hop.source)
-            data = HopData(
-                old_features=phi(hop.source), new_features=phi(name),
-                labels=torch.as_tensor(items.labels),
-                stored=(_stored_items(lineage, upgrades, hop.source, phi(ROOT), items, options)
-                        if upgrader.fits_on_stored and hop.source != ROOT else None),
+            before = lineage.chain_hop(hop.source)
+            stored = (_stored_items(lineage, upgrades, hop.source, features[ROOT], items, options)
+                      if upgrader.fits_on_stored and hop.source != ROOT else None)
+            history = upgrader.fit(HopData(
+                old_features=features[hop.source], new_features=features[name],
+                labels=torch.as_tensor(items.labels), stored=stored,
                 new_head=models[name].head, old_train=run.train_sets[hop.source],
-                new_train=items,
-                previous_upgrader=None if previous is None else upgrades.hops[previous.label].upgrader,
-                augment=run.augment, device=options.device, seed=generation.seed,
-                progress=options.progress)
-            history = upgrader.fit(data)
+                new_train=items, augment=run.augment, device=options.device,
+                previous_upgrader=None if before is None else upgrades.hops[before.label].upgrader,
+                seed=generation.seed, progress=options.progress))
             upgrader = upgrader.cpu().eval()
             if options.checkpoints is not None:
                 save_state(options.checkpoints / name / hop.folder, {"upgrader": upgrader},
                            hop.record(upgrader))
-            source_gallery = StoredGallery(
-                embeddings[hop.source].gallery,
-                upgrader.side_information(gallery, options.batch_size, options.progress))
+            # The source's gallery as stored, with the side information this hop reads.
+            side = upgrader.side_information(run.gallery_images, options.batch_size,
+                                             options.progress)
+            source_gallery = StoredGallery(embeddings[hop.source].gallery, side)
             entering = (upgrades.carried[(ROOT, hop.source)]
                         if hop.in_chain and hop.source != ROOT else source_gallery)
             upgrades.hops[hop.label] = FittedHop(hop, upgrader, history, source_gallery,
@@ -212,6 +201,21 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
                 upgrades.direct[hop.label] = upgrader.advance(source_gallery)
         _carry_chain(lineage, upgrades, embeddings, name)
     return upgrades
+
+
+class _ItemFeatures(dict):
+    """Any generation's features of one generation's training items, extracted once."""
+
+    def __init__(self, models: dict[str, TrainedModel], items: LabeledImages,
+                 options: RunOptions):
+        super().__init__()
+        self.models, self.items, self.options = models, items, options
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        self[name] = extract_features(self.models[name].encoder, self.items,
+                                      self.options.batch_size, self.options.device,
+                                      self.options.progress, f"{name} features (upgrader)")
+        return self[name]
 
 
 def _carry_chain(lineage: Lineage, upgrades: Upgrades, embeddings: dict[str, Embeddings],

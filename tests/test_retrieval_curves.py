@@ -10,7 +10,7 @@ import pytest
 from compatzoo.retrieval import BackfillCurve, backfill_curve, evaluate
 from compatzoo.errors import DimensionMismatchError
 from compatzoo.retrieval import ranking
-from fixtures_retrieval import clustered, reference_correct
+from fixtures_retrieval import assert_no_near_ties, clustered, reference_correct
 
 METRICS = ["map@10", "map", "map@r", "r_precision", "cmc@1", "cmc@5", "precision@3"]
 
@@ -23,6 +23,15 @@ def upgrade_data(seed: int, n_query: int = 40, n_gallery: int = 300):
     q_new = (centres[ql] + rng.standard_normal(q_old.shape)).astype(np.float32)
     g_new = (centres[gl] + rng.standard_normal(g_old.shape)).astype(np.float32)
     return q_old, q_new, ql, g_old, g_new, gl, rng.permutation(n_gallery)
+
+
+def assert_points_rank_alike(query, labels, galleries, gallery_labels, depth=None,
+                             leave_one_out=False):
+    """The curve scores each point in other chunks (cut at every point, rows in backfill
+    order) than a plain evaluation or the reference: equal ranks need no near-ties."""
+    for gallery in galleries:
+        assert_no_near_ties(query, gallery, np.equal.outer(labels, gallery_labels), depth,
+                            leave_one_out)
 
 
 def mixed_gallery(g_old, g_new, order, fraction):
@@ -38,7 +47,10 @@ def mixed_gallery(g_old, g_new, order, fraction):
 def test_curve_equals_naive_per_point_evaluation(monkeypatch, counting, chunk_size):
     if counting:
         monkeypatch.setattr(ranking, "MAX_TOPK_DEPTH", 0)
-    q_old, q_new, ql, g_old, g_new, gl, order = upgrade_data(0)
+    q_old, q_new, ql, g_old, g_new, gl, order = upgrade_data(97)  # seed 0 had near-ties
+    assert_points_rank_alike(q_old, ql, [g_old], gl, depth=5)
+    assert_points_rank_alike(q_new, ql, [mixed_gallery(g_old, g_new, order, f)
+                                         for f in np.linspace(0, 1, 11)], gl)
     curve = backfill_curve(q_new, g_old, g_new, ql, gl, order, points=11, metrics=METRICS,
                            query_old=q_old, nfr_k=(1, 5), chunk_size=chunk_size)
     right_before = {k: reference_correct(q_old, ql, g_old, gl, k) for k in (1, 5)}
@@ -81,6 +93,9 @@ def test_leave_one_out_curve_equals_naive_evaluation(monkeypatch, counting, back
     if counting:
         monkeypatch.setattr(ranking, "MAX_TOPK_DEPTH", 0)
     _, _, _, g_old, g_new, gl, order = upgrade_data(4, n_query=1, n_gallery=120)
+    assert_points_rank_alike(g_old, gl, [g_old], gl, depth=1, leave_one_out=True)
+    assert_points_rank_alike(g_new, gl, [mixed_gallery(g_old, g_new, order, f)
+                                         for f in np.linspace(0, 1, 5)], gl, leave_one_out=True)
     curve = backfill_curve(g_new, g_old, g_new, gl, gl, order, points=5, metrics=METRICS,
                            query_old=g_old, leave_one_out=True, backend=backend,
                            chunk_size=17)
@@ -97,6 +112,8 @@ def test_leave_one_out_curve_equals_naive_evaluation(monkeypatch, counting, back
 def test_curve_with_more_points_than_items_and_identity_order():
     q_old, q_new, ql, g_old, g_new, gl, _ = upgrade_data(1, n_query=10, n_gallery=6)
     order = np.arange(6)
+    assert_points_rank_alike(q_new, ql, [mixed_gallery(g_old, g_new, order, f)
+                                         for f in np.linspace(0, 1, 21)], gl, depth=3)
     curve = backfill_curve(q_new, g_old, g_new, ql, gl, order, points=21, metrics=["map@3"])
     for point, fraction in enumerate(curve.fractions):
         mixed = mixed_gallery(g_old, g_new, order, fraction)
@@ -153,6 +170,9 @@ def test_reference_gallery_counts_flips_against_the_raw_old_gallery():
     """With an upgraded gallery psi(old) as the starting state, NFR stays relative to o2o."""
     q_old, q_new, ql, g_old, g_new, gl, order = upgrade_data(5, n_query=20, n_gallery=40)
     upgraded = g_new + 0.5 * np.random.default_rng(1).standard_normal(g_new.shape).astype(np.float32)
+    assert_points_rank_alike(q_old, ql, [g_old], gl, depth=1)
+    assert_points_rank_alike(q_new, ql, [mixed_gallery(upgraded, g_new, order, f)
+                                         for f in np.linspace(0, 1, 4)], gl, depth=1)
     curve = backfill_curve(q_new, upgraded, g_new, ql, gl, order, points=4, metrics=["cmc@1"],
                            query_old=q_old, reference_gallery=g_old)
     right_before = reference_correct(q_old, ql, g_old, gl, 1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compatzoo.plugin import BackfillScheduler, BackfillState, check_backfill_state, descending_order
+from compatzoo.plugin import (BackfillScheduler, BackfillState, check_backfill_state,
+                              descending_order)
 
 
 class SigmaScheduler(BackfillScheduler):
