@@ -46,6 +46,22 @@ def create_scheduler(name: str, **params: Any):
     return _create("scheduler", name, params)
 
 
+def load(source, *, cache_dir=None):
+    """An :class:`~compatzoo.bundles.UpgradeBundle` from a short name (see
+    :func:`list_bundles`), ``hf-hub:ORG/NAME[@REVISION]``, ``local-dir:PATH`` or a folder."""
+    from compatzoo.bundles import load as load_bundle
+
+    return load_bundle(source, cache_dir=cache_dir)
+
+
+def list_bundles() -> list[dict[str, Any]]:
+    """Every short name :func:`load` knows: shipped cards and plugin-registered bundles,
+    with where their weights come from."""
+    from compatzoo.bundles import list_bundles as rows
+
+    return rows()
+
+
 def list_plugins(pattern: str = "*") -> dict[str, list[str]]:
     """``{kind: [names]}`` of every installed component, optionally filtered by a wildcard."""
     from compatzoo.registry import KINDS, get_registry
@@ -55,4 +71,4 @@ def list_plugins(pattern: str = "*") -> dict[str, list[str]]:
 
 
 __all__ = ["__version__", "create_encoder", "create_head", "create_scheduler",
-           "create_upgrader", "get_loss", "list_plugins"]
+           "create_upgrader", "get_loss", "list_bundles", "list_plugins", "load"]

@@ -43,29 +43,86 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool) -> int:
+def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool,
+              bundles: bool) -> dict:
     from compatzoo.experiment import run_experiment
     from compatzoo.report import format_table
     from compatzoo.specs import load_spec
 
     spec = load_spec(spec_source)
     _set_threads()
-    results = run_experiment(spec, output_dir, progress=not quiet, save_checkpoints=checkpoints)
+    results = run_experiment(spec, output_dir, progress=not quiet, save_checkpoints=checkpoints,
+                             save_bundles=bundles)
     print(f"\n{spec.name}  (seed {spec.seed}, {results['timing']['total_s']:.0f} s)")
     print(format_table(results["evaluation"]))
-    print(f"\nresults: {Path(output_dir) / 'results.json'}; plots: {output_dir}/*.png")
-    return 0
+    print(f"\nresults: {Path(output_dir) / 'results.json'}; plots: {output_dir}/*.png"
+          + (f"; bundles: {Path(output_dir) / 'bundles'}/<model>" if bundles else ""))
+    return results
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     output = args.output_dir or str(Path("runs") / Path(args.spec).stem)
-    return _run_spec(args.spec, output, args.quiet, not args.no_checkpoints)
+    _run_spec(args.spec, output, args.quiet, not args.no_checkpoints, not args.no_bundles)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     spec_path = resources.files("compatzoo") / "configs" / DEMO_SPEC
     with resources.as_file(spec_path) as path:
-        return _run_spec(path, args.output_dir, args.quiet, not args.no_checkpoints)
+        results = _run_spec(path, args.output_dir, args.quiet, not args.no_checkpoints,
+                            not args.no_bundles)
+    if not args.no_bundles:
+        _reload_bundles(Path(args.output_dir), results)
+    return 0
+
+
+def _reload_bundles(out: Path, results: dict) -> None:
+    """Load each bundle the run wrote and measure it again from its own files."""
+    from compatzoo.bundles import load
+    from compatzoo.specs import load_spec
+
+    spec = load_spec(results["spec"])
+    data = spec.data.dataset.build()
+    primary, table = results["evaluation"]["primary"], results["evaluation"]["table"]
+    print()
+    for model in spec.new:
+        bundle = load(out / "bundles" / model.name)
+        figures = bundle.measure(data, [primary], spec.evaluation.batch_size)
+        setting = "n2u" if "n2u" in figures else "n2o"
+        print(f"bundle {out / 'bundles' / model.name}: reloaded from its files, "
+              f"{setting} {primary} {100 * figures[setting][primary]:.2f} (the run: "
+              f"{100 * table[f'{setting}/{model.name}'][primary]:.2f})")
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from compatzoo.bundles.from_run import bundle_from_run_dir
+
+    config = bundle_from_run_dir(args.run_dir, args.model, args.out, dtype=args.dtype)
+    print(f"bundle {args.out}: {config.old.generation} -> {config.new.generation}"
+          + (f" + {config.upgrader.name}" if config.upgrader else "")
+          + f" ({len(config.files)} weight files, {config.dtype})")
+    return 0
+
+
+def _cmd_bundles(args: argparse.Namespace) -> int:
+    from compatzoo.bundles import list_bundles
+
+    rows = [(r["name"], r["weights"], r["source"]) for r in list_bundles()]
+    header = ("name", "weights", "source")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from compatzoo.bundles.hub import publish
+
+    commit = publish(args.bundle, args.repo, revision=args.revision, private=args.private,
+                     commit_message=args.commit_message)
+    print(f"published {args.bundle} to {args.repo}"
+          + (f"@{args.revision}" if args.revision else "") + f": {commit.commit_url}")
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -154,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
         command.add_argument("--no-checkpoints", action="store_true",
                              help="do not save model weights")
+        command.add_argument("--no-bundles", action="store_true",
+                             help="do not write a bundle per new model")
     run.set_defaults(func=_cmd_run)
     demo.set_defaults(func=_cmd_demo)
 
@@ -175,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec")
     validate.set_defaults(func=_cmd_validate)
+
+    bundle = sub.add_parser("bundle", help="re-create the bundle of a new model from a run "
+                            "folder (results.json + checkpoints/)")
+    bundle.add_argument("run_dir")
+    bundle.add_argument("--model", required=True, help="the new model's name in the spec")
+    bundle.add_argument("--out", required=True, help="the bundle folder to write")
+    bundle.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="storage of floating weights (float16 halves the size)")
+    bundle.set_defaults(func=_cmd_bundle)
+
+    sub.add_parser("bundles", help="list the bundles compatzoo.load knows by name"
+                   ).set_defaults(func=_cmd_bundles)
+
+    publish = sub.add_parser("publish", help="upload a bundle folder to the Hugging Face Hub")
+    publish.add_argument("bundle", help="a bundle folder (it must load)")
+    publish.add_argument("--repo", required=True, help="ORG/NAME")
+    publish.add_argument("--revision", help="branch to commit to (created if missing)")
+    publish.add_argument("--private", action="store_true", help="create the repo private")
+    publish.add_argument("--commit-message")
+    publish.set_defaults(func=_cmd_publish)
     return parser
 
 

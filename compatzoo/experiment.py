@@ -248,9 +248,10 @@ def _stored_items(lineage: Lineage, upgrades: Upgrades, source: str, root_featur
 
 
 def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool = True,
-                   save_checkpoints: bool = True) -> dict[str, Any]:
-    """Train and evaluate everything the spec describes; write results under output_dir
-    and return them (the content of ``results.json``)."""
+                   save_checkpoints: bool = True, save_bundles: bool = True) -> dict[str, Any]:
+    """Train and evaluate everything the spec describes; write results (and a bundle per
+    new model, ``bundles/<name>/``) under output_dir and return the results (the content
+    of ``results.json``)."""
     from compatzoo.evaluation import evaluate_run
     from compatzoo.report import Report, write
 
@@ -276,8 +277,10 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
     timing.update({f"upgrade_{f.hop.label}_s": f.seconds for f in hops})
     timing["evaluate_s"] = time.perf_counter() - tick
     timing["total_s"] = time.perf_counter() - started
+    preprocess = run.data.preprocess
     report = Report(
-        spec=spec, dataset=run.data.info,
+        spec=spec, dataset={**run.data.info, "preprocess": None if preprocess is None
+                            else preprocess.model_dump(mode="json")},
         allocation={"name": spec.data.allocation.name,
                     "stages": run.allocation.describe(np.asarray(run.data.train.labels)),
                     "models": dict(run.stages)},
@@ -285,4 +288,25 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
                   **{f"{f.hop.label}/upgrader": f.history for f in hops}},
         evaluation=evaluation, timing=timing)
     write(report, out)
+    if save_bundles:
+        write_bundles(lineage, run, models, upgrades, evaluation, out / "bundles")
     return report.to_dict()
+
+
+def write_bundles(lineage: Lineage, run: RunData, models: dict[str, TrainedModel],
+                  upgrades: Upgrades, evaluation: dict[str, Any], folder: Path) -> list[Path]:
+    """One bundle per new model: the model it follows, itself and its chain hop."""
+    from compatzoo.bundles import write_bundle
+    from compatzoo.bundles.from_run import run_bundle
+
+    encoders = {name: model.encoder for name, model in models.items()}
+    heads = {name: model.head for name, model in models.items()}
+    paths = []
+    for name in lineage.new:
+        hop = lineage.chain_hop(name)
+        contents = run_bundle(lineage, name, encoders, heads,
+                              None if hop is None else upgrades.hops[hop.label].upgrader,
+                              run.data.num_classes, run.data.preprocess, evaluation)
+        write_bundle(folder / name, contents)
+        paths.append(folder / name)
+    return paths

@@ -19,7 +19,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_components(register: Callable[..., None]) -> None:
     """Call ``register(kind, name, component)`` once per component.
 
-    ``kind`` is one of ``encoder, head, loss, upgrader, scheduler, dataset, allocation``.
+    ``kind`` is one of ``encoder, head, loss, upgrader, scheduler, dataset, allocation``
+    (and ``bundle``: ``register("bundle", name, NamedBundle(source=...))`` gives a trained
+    bundle a short name for ``compatzoo.load``).
     ``component`` is a class (or a function) with ``Params``, the pydantic model of its
     user-facing parameters (``extra="forbid"``); ``component(params, **runtime)`` builds
     it. Runtime arguments per kind: head ``embedding_dim, num_classes``; upgrader

@@ -323,6 +323,12 @@ class GalleryUpgrader(nn.Module):
         """Side features of ``images`` (a LabeledImages) to store with the gallery."""
         return None
 
+    def side_encoder(self) -> nn.Module | None:
+        """The image encoder behind :meth:`side_information` (images -> side features),
+        which a deployment runs where it embeds gallery items; None without one. Bundles
+        store it beside the upgrader."""
+        return None
+
     def signals(self, stored: StoredGallery, chunk_size: int = 65536) -> dict[str, np.ndarray]:
         """Per-item signals on a stored gallery entering this hop: ``{name: (N,) array}``
         for every name in ``publishes``."""

@@ -21,6 +21,7 @@ from compatzoo.interfaces import (BACKFILL_FIELDS, LOSS_INPUTS, BackfillSchedule
                                   FeatureCache, GalleryUpgrader, HopData, LossInputs,
                                   LossOutput, NoParams, StoredGallery, TrainingContext,
                                   apply_in_chunks, check_features, match_dim)
+from compatzoo.bundles.sources import NamedBundle
 from compatzoo.registry import with_params
 from compatzoo.scheduling import check_backfill_state, descending_order
 from compatzoo.shards import Shard
@@ -35,7 +36,7 @@ def create_encoder(name: str, **params):
 
 __all__ = [
     # registration
-    "hookimpl", "with_params", "NoParams",
+    "hookimpl", "with_params", "NoParams", "NamedBundle",
     # the four interfaces and their records
     "Encoder", "ClassifierHead",
     "CompatLoss", "LossInputs", "LossOutput", "TrainingContext", "FeatureCache", "LOSS_INPUTS",

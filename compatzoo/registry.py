@@ -22,7 +22,7 @@ from compatzoo.errors import PluginError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("encoder", "head", "loss", "upgrader", "scheduler", "dataset", "allocation")
+KINDS = ("encoder", "head", "loss", "upgrader", "scheduler", "dataset", "allocation", "bundle")
 ENTRY_POINT_GROUP = "compatzoo"
 
 
@@ -112,6 +112,16 @@ class Registry:
             if kind not in KINDS:
                 raise PluginError(f"plugin '{plugin}' ({distribution}) registers unknown kind "
                                   f"'{kind}'; kinds are {', '.join(KINDS)}")
+            if kind == "bundle":
+                from compatzoo.bundles.sources import NamedBundle
+
+                if not isinstance(component, NamedBundle) or extra:
+                    raise PluginError(f"bundle '{name}' from {distribution} must be registered "
+                                      "as register('bundle', name, NamedBundle(source=...)); "
+                                      f"got {component!r}")
+                staged.append(ComponentRecord(kind, name, component, plugin, distribution,
+                                              version))
+                return
             if extra:
                 raise PluginError(f"{kind} '{name}' from {distribution}: register(kind, name, "
                                   f"component) takes the component alone ({len(extra)} more "

@@ -61,7 +61,7 @@ def test_builtins_come_through_the_same_entry_point_group():
     assert registry.get("loss", "bct").distribution == "compatzoo-bct"
     plugins = compatzoo.list_plugins()
     assert set(plugins) == {"encoder", "head", "loss", "upgrader", "scheduler", "dataset",
-                            "allocation"}
+                            "allocation", "bundle"}
     assert {"resnet50", "mobilenet_v2", "tiny-cnn", "open-clip"} <= set(plugins["encoder"])
     assert set(plugins["head"]) >= {"linear", "normface", "cosface", "arcface"}
     assert "identity" in plugins["upgrader"] and "random" in plugins["scheduler"]

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compatzoo.data.datasets import RetrievalData, TensorImages, channel_stats, retrieval_info
+from compatzoo.data.preprocess import Preprocess
 from compatzoo.errors import DatasetError
 from compatzoo.safe_pickle import load_data_pickle
 from compatzoo.registry import with_params
@@ -87,4 +88,5 @@ def make_cifar100(params: Cifar100Params) -> RetrievalData:
     query = TensorImages(*splits["test"], mean, std)
     info = retrieval_info("cifar100", params.model_dump(mode="json"), train, query, None)
     info["protocol"] = "leave-one-out"
-    return RetrievalData(train, query, None, int(train.labels.max()) + 1, "cifar100", info)
+    return RetrievalData(train, query, None, int(train.labels.max()) + 1, "cifar100", info,
+                         Preprocess(image_size=32, mean=mean, std=std))

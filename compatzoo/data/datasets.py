@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from compatzoo.data.preprocess import Preprocess
+
 Indices = Sequence[int] | np.ndarray | torch.Tensor
 
 
@@ -151,6 +153,8 @@ class RetrievalData:
     num_classes: int
     name: str
     info: dict[str, Any] = field(default_factory=dict)
+    #: how a raw image becomes a model input (recorded in bundles); None if unknown
+    preprocess: Preprocess | None = None
 
 
 def retrieval_info(

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from compatzoo.data.datasets import LabeledImages, RetrievalData, retrieval_info
+from compatzoo.data.preprocess import FitSquare, Preprocess, pil_to_uint8
 from compatzoo.errors import DatasetError
 from compatzoo.registry import with_params
 
@@ -44,31 +45,20 @@ class ImageFolderParams(BaseModel):
 class FileImages(LabeledImages):
     """Images on disk, decoded on access."""
 
-    def __init__(
-        self,
-        paths: list[Path],
-        labels: np.ndarray,
-        image_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-    ) -> None:
+    def __init__(self, paths: list[Path], labels: np.ndarray, preprocess: Preprocess) -> None:
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.image_size = image_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self._mean_t = torch.tensor(self.mean).view(-1, 1, 1)
-        self._std_t = torch.tensor(self.std).view(-1, 1, 1)
+        self.preprocess = preprocess
+        self._fit = FitSquare(preprocess.image_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                square = ImageOps.fit(img.convert("RGB"), (self.image_size, self.image_size), Image.BICUBIC)
+                square = self._fit(img)
         except (OSError, UnidentifiedImageError) as exc:
             raise DatasetError(f"cannot read image {path} ({exc}); replace or delete the file") from exc
-        x = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return (x.float() / 255.0 - self._mean_t) / self._std_t, int(self.labels[i]), int(i)
+        return self.preprocess.normalise(pil_to_uint8(square)), int(self.labels[i]), int(i)
 
 
 def _layout_error(problem: str, root: Path) -> DatasetError:
@@ -125,10 +115,13 @@ def make_image_folder(params: ImageFolderParams) -> RetrievalData:
     unseen = sorted({name for split in splits.values() for name in split} - class_id.keys())
     class_id |= {name: len(train_classes) + i for i, name in enumerate(unseen)}
 
+    preprocess = Preprocess(image_size=params.image_size, mean=params.mean, std=params.std)
+
     def images(classes: dict[str, list[Path]]) -> FileImages:
         paths = [f for files in classes.values() for f in files]
-        labels = np.array([class_id[name] for name, files in classes.items() for _ in files], dtype=np.int64)
-        return FileImages(paths, labels, params.image_size, params.mean, params.std)
+        labels = np.array([class_id[name] for name, files in classes.items() for _ in files],
+                          dtype=np.int64)
+        return FileImages(paths, labels, preprocess)
 
     train = images(train_classes)
     if "val" in splits:
@@ -138,4 +131,5 @@ def make_image_folder(params: ImageFolderParams) -> RetrievalData:
     info = retrieval_info("image-folder", params.model_dump(mode="json"), train, query, gallery)
     info["protocol"] = "query-gallery" if gallery is not None else "leave-one-out"
     info["unseen_classes"] = len(unseen)
-    return RetrievalData(train, query, gallery, len(train_classes), "image-folder", info)
+    return RetrievalData(train, query, gallery, len(train_classes), "image-folder", info,
+                         preprocess)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compatzoo.data.datasets import RetrievalData, TensorImages, channel_stats, retrieval_info
+from compatzoo.data.preprocess import Preprocess
 from compatzoo.registry import with_params
 
 logger = logging.getLogger(__name__)
@@ -360,4 +361,5 @@ def make_synthetic(params: SyntheticParams | None = None) -> RetrievalData:
     params = p.model_dump(mode="json", exclude={"cache_dir"})
     info = retrieval_info("synthetic", params, train, query, gallery)
     info |= {"seed": p.seed, "generator_version": GENERATOR_VERSION, "content_hash": p.content_hash()}
-    return RetrievalData(train, query, gallery, p.num_train_classes, "synthetic", info)
+    return RetrievalData(train, query, gallery, p.num_train_classes, "synthetic", info,
+                         Preprocess(image_size=p.image_size, mean=mean, std=std))

@@ -18,16 +18,24 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder so a crash leaves no partial file."""
+def atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder so a crash leaves no partial file.
+    The file gets the permissions a plain ``open`` would give it (mkstemp's are 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_state(directory: str | Path, modules: dict[str, nn.Module], config: dict[str, Any]) -> Path:
@@ -48,9 +56,9 @@ def save_state(directory: str | Path, modules: dict[str, nn.Module], config: dic
             first_key.setdefault(identity, name)
             state[name] = tensor.detach().cpu().contiguous()
     shapes = {key: list(t.shape) for key, t in state.items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     manifest = {**config, "tensors": shapes, **({"aliases": aliases} if aliases else {})}
-    _atomic_write(directory / MANIFEST,
+    atomic_write(directory / MANIFEST,
                   lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     return directory
 

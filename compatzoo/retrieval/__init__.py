@@ -10,7 +10,7 @@ from compatzoo.retrieval.compatibility import (
     CompatibilityMatrix, compatibility_matrix, empirical_compatibility, update_gain,
 )
 from compatzoo.retrieval.curves import BackfillCurve, backfill_curve
-from compatzoo.retrieval.evaluation import evaluate
+from compatzoo.retrieval.evaluation import evaluate, top_k
 from compatzoo.retrieval.metrics import KNOWN_METRICS, Metric, parse_metric
 from compatzoo.retrieval.revisited import evaluate_revisited, load_revisited_gnd
 from compatzoo.retrieval.validation import InvalidArgumentError
@@ -19,6 +19,6 @@ from compatzoo.retrieval.verification import tar_at_far, tpir_at_fpir
 __all__ = [
     "KNOWN_METRICS", "BackfillCurve", "CompatibilityMatrix", "InvalidArgumentError", "Metric",
     "backfill_curve", "compatibility_matrix", "empirical_compatibility", "evaluate",
-    "evaluate_revisited", "load_revisited_gnd", "parse_metric", "tar_at_far",
+    "evaluate_revisited", "load_revisited_gnd", "parse_metric", "tar_at_far", "top_k",
     "tpir_at_fpir", "update_gain",
 ]

@@ -78,3 +78,22 @@ def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
                                       leave_one_out)
     table = rank_tables(q, ql, Plan(g), gl, parsed, leave_one_out, backend, chunk_size)[0]
     return summarise(parsed, table)
+
+
+def top_k(query: ArrayLike, gallery: ArrayLike, k: int = 10,
+          backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` gallery items most cosine-similar to each query: ``(scores, indices)``,
+    both ``(Q, k)``, best first, ties broken by gallery index. Exact, in bounded memory."""
+    from compatzoo.errors import DimensionMismatchError, InvalidArgumentError
+    from compatzoo.retrieval.search import search
+    from compatzoo.retrieval.validation import as_features
+
+    queries, items = as_features(query, "query"), as_features(gallery, "gallery")
+    if queries.dim != items.dim:
+        raise DimensionMismatchError(f"queries are {queries.dim}-d but the gallery is "
+                                     f"{items.dim}-d; embed or upgrade both into one space")
+    if k < 1:
+        raise InvalidArgumentError(f"k must be at least 1, got {k}")
+    check_backend(backend)
+    scores, index = search(queries, items, k, backend)
+    return scores.numpy(), index.numpy()

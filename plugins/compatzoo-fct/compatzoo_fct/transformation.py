@@ -124,6 +124,10 @@ class FCTTransformation(GalleryUpgrader):
                             "adopt_side_model()) before extracting side information")
         return self.side_model.extract(images, batch_size, progress)
 
+    def side_encoder(self) -> nn.Module | None:
+        """psi's encoder, for side information learned by a model (None otherwise)."""
+        return self.side_model.encoder if isinstance(self.side_model, LearnedSide) else None
+
     def adopt_side_model(self, side_model: SideInformation) -> None:
         """Use a trained side model, e.g. ``g.next_side_model`` of the previous hop of a
         chain, so that h_{i+1} reads the psi_i the gallery's side information came from."""

@@ -7,8 +7,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compatzoo.plugin import (BackfillScheduler, BackfillState, CompatLoss, GalleryUpgrader,
-                              HopData, LossOutput, StoredGallery, check_backfill_state,
-                              descending_order, hookimpl)
+                              HopData, LossOutput, NamedBundle, StoredGallery,
+                              check_backfill_state, descending_order, hookimpl)
 
 
 class ReverseScheduler(BackfillScheduler):
@@ -86,3 +86,6 @@ def register_components(register):
     register("loss", "feature-norm", FeatureNormLoss)
     register("upgrader", "least-squares", LeastSquaresUpgrader)
     register("scheduler", "shortest-first", ShortestFirstScheduler)
+    # A short name for a trained bundle: any source compatzoo.load accepts.
+    register("bundle", "example-bict", NamedBundle(source="bict-synth",
+                                                   description="the shipped bict-synth"))
