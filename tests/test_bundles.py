@@ -256,3 +256,16 @@ def test_a_bundle_measures_what_its_config_records(run, name):
     assert set(measured) == set(recorded)
     for setting, values in recorded.items():
         assert {m: measured[setting][m] for m in values} == values
+
+
+def test_a_config_naming_an_unknown_or_invalid_component_fails_with_the_bundle_named(copy):
+    from compatzoo.errors import PluginError
+
+    rewrite_config(copy, lambda c: c["upgrader"].update(name="no-such-upgrader"))
+    with pytest.raises(PluginError, match="bundle 'f2' needs the upgrader 'no-such-upgrader'"):
+        open_bundle(copy)
+    rewrite_config(copy, lambda c: c["upgrader"].update(name="fct-transformation",
+                                                        params={"bogus": 1}))
+    with pytest.raises(CheckpointError, match="'fct-transformation' of its config does not "
+                                              "validate"):
+        open_bundle(copy)

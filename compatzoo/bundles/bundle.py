@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from torch import nn
 
 from compatzoo.bundles.card import model_card
@@ -23,7 +24,7 @@ from compatzoo.data.datasets import LabeledImages
 from compatzoo.data.preprocess import Preprocess
 from compatzoo.engine.checkpoints import atomic_write
 from compatzoo.engine.features import extract_features
-from compatzoo.errors import CheckpointError, InvalidFeaturesError
+from compatzoo.errors import CheckpointError, InvalidFeaturesError, PluginError
 from compatzoo.interfaces import GalleryUpgrader, StoredGallery, check_features
 from compatzoo.registry import get_registry
 
@@ -121,11 +122,24 @@ class UpgradeBundle:
     def __init__(self, folder: Path, config: BundleConfig, source: dict[str, Any]):
         self.folder, self.config, self.source = folder, config, source
         states = read_weights(folder, config)
-        registry = get_registry()
+
+        def build(kind: str, name: str, params: dict[str, Any], **runtime: Any):
+            try:
+                component = get_registry().get(kind, name).component
+            except PluginError as exc:
+                raise PluginError(f"bundle {config.name!r} needs the {kind} {name!r}, which no "
+                                  f"installed plugin provides: {exc}") from None
+            try:
+                validated = component.Params.model_validate(params)
+            except ValidationError as exc:
+                raise CheckpointError(f"bundle {config.name!r}: the {kind} {name!r} of its "
+                                      f"config does not validate with the installed plugin "
+                                      f"({exc.errors()[0]['msg']}); install the compatzoo "
+                                      "version that wrote it or re-create the bundle") from None
+            return component(validated, **runtime)
 
         def encoder(entry: ModelEntry) -> nn.Module:
-            component = registry.get("encoder", entry.encoder.name).component
-            module = component(component.Params.model_validate(entry.encoder.params))
+            module = build("encoder", entry.encoder.name, entry.encoder.params)
             load_module(module, states[entry.file], "encoder", folder / entry.file)
             stored = stored_state(module, DTYPES[config.dtype])
             if state_fingerprint(stored) != entry.fingerprint:
@@ -143,17 +157,15 @@ class UpgradeBundle:
         self.new_head = None
         head = config.new.head
         if head is not None:
-            component = registry.get("head", head.name).component
             self.new_head = load_module(
-                component(component.Params.model_validate(head.params),
-                          embedding_dim=config.new.embedding_dim, num_classes=head.num_classes),
+                build("head", head.name, head.params, embedding_dim=config.new.embedding_dim,
+                      num_classes=head.num_classes),
                 states[head.file], "head", folder / head.file)
         self.upgrader: GalleryUpgrader | None = None
         if config.upgrader is not None:
             entry = config.upgrader
-            component = registry.get("upgrader", entry.name).component
-            upgrader = component(component.Params.model_validate(entry.params),
-                                 input_dim=entry.input_dim, output_dim=entry.output_dim)
+            upgrader = build("upgrader", entry.name, entry.params, input_dim=entry.input_dim,
+                             output_dim=entry.output_dim)
             self.upgrader = load_module(upgrader, states[entry.file], "upgrader",
                                         folder / entry.file)
         self.side = None
