@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compatzoo.data.preprocess import Preprocess
-from compatzoo.engine.checkpoints import atomic_write
+from compatzoo.engine.checkpoints import atomic_write, load_prefixed
 from compatzoo.errors import CheckpointError
 
 SCHEMA_VERSION = 1
@@ -239,11 +239,6 @@ def read_weights(folder: Path, config: BundleConfig) -> dict[str, dict[str, torc
 
 def load_module(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
                 where: str) -> nn.Module:
-    """Load ``prefix.*`` of ``state`` strictly into ``module`` (up-cast to its dtypes)."""
-    part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    try:
-        module.load_state_dict(part, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {where} do not fit the model built from "
-                              f"{CONFIG}: {exc}") from None
+    """``prefix.*`` of ``state`` loaded strictly into ``module``, in eval mode."""
+    load_prefixed(module, state, prefix, f"in {where}")
     return module.eval()

@@ -93,10 +93,16 @@ def load_state(directory: str | Path, modules: dict[str, nn.Module]) -> dict[str
             raise CheckpointError(f"{key} has shape {list(tensor.shape)} in the weights but "
                                   f"{expected[key]} in {MANIFEST}; the checkpoint is corrupt")
     for prefix, module in modules.items():
-        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        try:
-            module.load_state_dict(part, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"weights for '{prefix}' in {directory} do not fit the model "
-                                  f"built from its config: {exc}") from None
+        load_prefixed(module, state, prefix, f"'{prefix}' in {directory}")
     return manifest
+
+
+def load_prefixed(module: nn.Module, state: dict[str, Any], prefix: str, where: str) -> None:
+    """Load the ``prefix.*`` entries of ``state`` strictly into ``module`` (tensors are
+    cast to the module's dtypes)."""
+    part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    try:
+        module.load_state_dict(part, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights {where} do not fit the model built from its "
+                              f"config: {exc}") from None
