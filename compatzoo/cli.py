@@ -14,7 +14,7 @@ from pathlib import Path
 # Set before torch is imported, and only if the user has not chosen a policy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from compatzoo.errors import CompatzooError  # noqa: E402
+from compatzoo.errors import CompatzooError, SpecError  # noqa: E402
 
 DEMO_SPEC = "demo.yaml"
 
@@ -112,6 +112,76 @@ def _cmd_bundles(args: argparse.Namespace) -> int:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _verify(output: str, job: str) -> int:
+    from compatzoo.jobs import Manifest, read_manifest
+
+    data = read_manifest(Path(output))
+    if data.get("job") != job:
+        raise SpecError(f"{output} holds a {data.get('job')} job, not an {job} job")
+    problems = Manifest(Path(output), data).verify()
+    if data.get("status") != "done":
+        problems.insert(0, "the job has not finished (run the same command again to finish it)")
+    if problems:
+        raise SpecError(f"{output}: " + "; ".join(problems))
+    print(f"{output}: {len(data['outputs'])} outputs match the manifest")
+    return 0
+
+
+def _summary(summary: dict) -> None:
+    import json
+
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    if args.verify:
+        return _verify(args.output, "upgrade")
+    if not args.input:
+        raise SpecError("give the stored gallery with --input (files or folders)")
+    from compatzoo.bundles import load
+    from compatzoo.jobs import bundle_step, upgrade_gallery
+
+    _set_threads()
+    steps = [bundle_step(load(source)) for source in args.bundles]
+    _summary(upgrade_gallery(steps, args.input, args.output, side=args.side,
+                             previous=args.previous, column=args.column,
+                             side_column=args.side_column, previous_column=args.previous_column,
+                             key=args.key, chunk_rows=args.chunk_rows,
+                             on_bad_rows=args.on_bad_rows, fingerprint=args.fingerprint,
+                             progress=not args.quiet))
+    return 0
+
+
+def _cmd_order(args: argparse.Namespace) -> int:
+    from compatzoo.bundles import load
+    from compatzoo.jobs import order_gallery
+
+    _set_threads()
+    params = dict(item.split("=", 1) for item in args.param)
+    _summary(order_gallery(load(args.bundle), args.gallery, args.output,
+                           scheduler=args.scheduler, scheduler_params=params, side=args.side,
+                           column=args.column, side_column=args.side_column, key=args.key,
+                           seed=args.seed))
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    if args.verify:
+        return _verify(args.output, "embed")
+    if not args.images:
+        raise SpecError("give the gallery images with --images (a folder or a list file)")
+    from compatzoo.bundles import load
+    from compatzoo.jobs import embed_images
+
+    _set_threads()
+    _summary(embed_images(load(args.bundle), args.images, args.output, order=args.order,
+                          shard_rows=args.shard_rows, batch_size=args.batch_size,
+                          workers=args.workers, model=args.model,
+                          next_bundle=load(args.next) if args.next else None,
+                          progress=not args.quiet))
     return 0
 
 
@@ -254,6 +324,62 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--private", action="store_true", help="create the repo private")
     publish.add_argument("--commit-message")
     publish.set_defaults(func=_cmd_publish)
+
+    up = sub.add_parser("upgrade", help="move a stored gallery into a bundle's new space "
+                        "(npy, safetensors, Parquet or faiss flat index files), resumably")
+    up.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                    help="a bundle source; several: a chain applied hop by hop in one pass")
+    up.add_argument("--input", nargs="+", help="stored embedding files or folders of them")
+    up.add_argument("--output", required=True, help="folder for the upgraded files (same "
+                    "names and formats) and the job's manifest")
+    up.add_argument("--side", nargs="+", help="side information stored beside each input "
+                    "(one file per input, or the same Parquet files with --side-column)")
+    up.add_argument("--previous", nargs="+", help="the copy one generation older, for "
+                    "upgraders that read it (BiCT eq. 9)")
+    up.add_argument("--column", default="embedding", help="Parquet embedding column")
+    up.add_argument("--side-column", help="Parquet column of the side information")
+    up.add_argument("--previous-column", help="Parquet column of the older copy")
+    up.add_argument("--key", help="tensor name in .safetensors files holding several")
+    up.add_argument("--chunk-rows", type=int, default=65536, help="rows per batch")
+    up.add_argument("--on-bad-rows", choices=["fail", "skip", "zero"], default="fail",
+                    help="rows with NaN or inf: stop before writing (default), drop, or zero")
+    up.add_argument("--fingerprint", help="of the model that wrote the gallery, if the files "
+                    "do not record it")
+    up.add_argument("--verify", action="store_true", help="recheck a finished job's outputs "
+                    "against its manifest instead of running")
+    up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    up.set_defaults(func=_cmd_upgrade)
+
+    order = sub.add_parser("order", help="the backfill order of a stored gallery")
+    order.add_argument("bundle")
+    order.add_argument("--gallery", nargs="+", required=True, help="stored embedding files")
+    order.add_argument("--scheduler", default="random", help="a registered scheduler")
+    order.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="scheduler params, e.g. measure=entropy")
+    order.add_argument("--side", nargs="+", help="side information beside the gallery")
+    order.add_argument("--column", default="embedding")
+    order.add_argument("--side-column")
+    order.add_argument("--key")
+    order.add_argument("--seed", type=int, default=0)
+    order.add_argument("--output", required=True, help="order.npy or order.parquet")
+    order.set_defaults(func=_cmd_order)
+
+    embed = sub.add_parser("embed", help="re-embed gallery images with a bundle's new model "
+                           "(the backfill), in order, into Parquet shards, resumably")
+    embed.add_argument("bundle")
+    embed.add_argument("--images", help="a folder of images or a file listing them, one per "
+                       "line: the gallery's rows in order")
+    embed.add_argument("--output", required=True)
+    embed.add_argument("--order", help=".npy order from `compatzoo order`")
+    embed.add_argument("--model", choices=["new", "old"], default="new")
+    embed.add_argument("--next", help="the next upgrade's bundle: its side information is "
+                       "written beside the new embeddings")
+    embed.add_argument("--shard-rows", type=int, default=65536)
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers")
+    embed.add_argument("--verify", action="store_true")
+    embed.add_argument("--quiet", "-q", action="store_true")
+    embed.set_defaults(func=_cmd_embed)
     return parser
 
 

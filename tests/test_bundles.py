@@ -20,39 +20,13 @@ from compatzoo.bundles import BundleNotFoundError, load, open_bundle
 from compatzoo.bundles.format import file_sha256
 from compatzoo.bundles.from_run import bundle_from_run_dir
 from compatzoo.errors import CheckpointError, DimensionMismatchError, InvalidFeaturesError
-from compatzoo.experiment import (RunOptions, embed, fit_upgraders, load_data, train,
-                                  write_bundles)
-from compatzoo.evaluation import evaluate_run
-from compatzoo.lineage import plan
 from compatzoo.specs import load_spec
 
-from test_sequential import FCT, PSI, sequential_spec
-
-MODELS = [
-    {"name": "v2", "stage": 1, "losses": ["classification", "cosine"],
-     "upgrader": {"name": "bict-mlp", "params": PSI}},
-    {"name": "v3", "previous": "v2", "losses": ["classification", "cosine"],
-     "upgrader": {"name": "bict-mlp", "params": PSI}},
-    {"name": "f2", "stage": 1, "upgrader": {"name": "fct-transformation", "params": FCT}},
-    {"name": "r2", "stage": 1, "losses": ["classification", "ract"]},
-]
-
+from test_sequential import PSI
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run as phases (so the test holds the in-run tensors) with its bundles."""
-    spec = sequential_spec(MODELS)
-    spec["evaluation"]["backfill"]["schedulers"] = ["random", "uncertainty"]
-    lineage = plan(load_spec(spec))
-    data = load_data(lineage)
-    options = RunOptions(progress=False, checkpoints=tmp_path_factory.mktemp("ckpt"))
-    models = train(lineage, data, options)
-    embeddings = embed(models, data, options)
-    upgrades = fit_upgraders(lineage, data, models, embeddings, options)
-    evaluation = evaluate_run(lineage, data, models, embeddings, upgrades)
-    folder = tmp_path_factory.mktemp("bundles")
-    write_bundles(lineage, data, models, upgrades, evaluation, folder)
-    return lineage, data, embeddings, upgrades, evaluation, folder
+def run(tiny_lineage):
+    return tiny_lineage
 
 
 @pytest.mark.parametrize("name", ["v2", "v3", "f2", "r2"])

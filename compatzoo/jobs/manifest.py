@@ -1,0 +1,131 @@
+"""A job's manifest, ``OUTPUT/compatzoo-job.json``: what the job is (its kind, parameters
+and the models it applies), the inputs it read (rows, sha256) and every output finished so
+far (rows, sha256, bytes). A rerun of the same command resumes from it; a rerun of another
+job, or over inputs that changed, is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compatzoo.errors import CompatzooError, SpecError
+from compatzoo.jobs.stores import file_sha256, write_json
+
+MANIFEST = "compatzoo-job.json"
+SCHEMA_VERSION = 1
+
+
+class JobStateError(CompatzooError):
+    """An output folder or its manifest does not fit the job asked for."""
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    path: str
+    rows: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, rows: int) -> InputRecord:
+        return cls(str(path.resolve()), rows, file_sha256(path))
+
+
+class Manifest:
+    """The manifest of one job in ``folder``; opened (and checked) by :meth:`open`."""
+
+    def __init__(self, folder: Path, data: dict[str, Any]):
+        self.folder, self.data = folder, data
+
+    @property
+    def path(self) -> Path:
+        return self.folder / MANIFEST
+
+    @classmethod
+    def open(cls, folder: Path, job: str, parameters: dict[str, Any],
+             sources: list[dict[str, Any]], inputs: list[InputRecord]) -> Manifest:
+        """The job's manifest in ``folder``: the one there if it is the same job (to resume),
+        else a new one -- written by :meth:`start`, once every check has passed."""
+        identity = {"job": job, "parameters": parameters, "sources": sources}
+        path = folder / MANIFEST
+        if path.is_file():
+            data = read_manifest(folder)
+            found = {key: data.get(key) for key in identity}
+            if found != json.loads(json.dumps(identity)):
+                changed = [key for key in identity if found[key] != json.loads(
+                    json.dumps(identity[key]))]
+                raise JobStateError(
+                    f"{folder} holds another job ({data.get('job')}; its {', '.join(changed)} "
+                    f"differ from this one's): nothing was written. Use another output folder, "
+                    f"or delete {folder} to start over")
+            recorded = {record["path"]: record for record in data.get("inputs", [])}
+            for record in inputs:
+                old = recorded.get(record.path)
+                if old is None or (old["rows"], old["sha256"]) != (record.rows, record.sha256):
+                    raise JobStateError(
+                        f"input {record.path} is not what the job in {folder} started from "
+                        "(another file, or it changed since: other rows or sha256); nothing "
+                        "was written. Restore the input, or use another output folder")
+            return cls(folder, data)
+        if folder.exists():
+            stray = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            if stray:
+                raise JobStateError(
+                    f"{folder} already holds {stray[:5]} but no {MANIFEST}: it was not written "
+                    "by a compatzoo job (or is an input folder). Nothing was written; give an "
+                    "empty or new output folder")
+        return cls(folder, {"schema_version": SCHEMA_VERSION, **identity,
+                            "inputs": [vars(r) for r in inputs], "outputs": {},
+                            "status": "running"})
+
+    def start(self) -> None:
+        """Write the manifest (and the folder) if this is a new job."""
+        if not self.path.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def is_done(self, name: str) -> bool:
+        """Recorded as finished, and still there with the recorded size."""
+        record = self.data["outputs"].get(name)
+        path = self.folder / name
+        return record is not None and path.is_file() and path.stat().st_size == record["bytes"]
+
+    def record(self, name: str, rows: int, **extra: Any) -> None:
+        path = self.folder / name
+        self.data["outputs"][name] = {"rows": rows, "sha256": file_sha256(path),
+                                      "bytes": path.stat().st_size, **extra}
+        self.save()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.data["status"], self.data["summary"] = "done", summary
+        self.save()
+
+    def verify(self) -> list[str]:
+        """Outputs whose bytes no longer match the manifest (missing, other sha256)."""
+        problems = []
+        for name, record in self.data["outputs"].items():
+            path = self.folder / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif file_sha256(path) != record["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest's")
+        return problems
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{folder} has no {MANIFEST}: no compatzoo job wrote there") from None
+    except json.JSONDecodeError as exc:
+        raise JobStateError(f"{path} is not valid JSON ({exc}); the folder's job state is "
+                            "corrupt: delete the folder and run the job again") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise JobStateError(f"{path} is not a compatzoo job manifest of schema version "
+                            f"{SCHEMA_VERSION}; delete the folder and run the job again")
+    return data
