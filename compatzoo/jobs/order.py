@@ -114,7 +114,8 @@ def _state(bundle, files, side_files, component, tmp: Path, chunk_rows: int) -> 
     wants_upgraded = "upgraded" in component.requires
     if (wants_upgraded or component.needs_signals) and bundle.upgrader is None:
         raise SpecError(f"this scheduler reads what an upgrader gives, and bundle "
-                        f"{bundle.config.name!r} has none; choose random or uncertainty")
+                        f"{bundle.config.name!r} has none; choose a scheduler that reads "
+                        "the stored embeddings or the new head")
     if wants_upgraded:
         upgraded = np.lib.format.open_memmap(tmp / "upgraded.npy", mode="w+", dtype=np.float32,
                                              shape=(rows, bundle.upgrader.output_dim))
