@@ -151,6 +151,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
                              side_column=args.side_column, previous_column=args.previous_column,
                              key=args.key, chunk_rows=args.chunk_rows,
                              on_bad_rows=args.on_bad_rows, fingerprint=args.fingerprint,
+                             engine=args.engine, workers=args.workers,
                              progress=not args.quiet))
     return 0
 
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows with NaN or inf: stop before writing (default), drop, or zero")
     up.add_argument("--fingerprint", help="of the model that wrote the gallery, if the files "
                     "do not record it")
+    up.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: files on Ray actors (extra compatzoo[ray]; RAY_ADDRESS for a "
+                    "cluster); under torchrun, ranks split the files")
+    up.add_argument("--workers", type=int, default=2, help="Ray actors (--engine ray)")
     up.add_argument("--verify", action="store_true", help="recheck a finished job's outputs "
                     "against its manifest instead of running")
     up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -4,7 +4,8 @@ failure would: ``python jobs_kill_driver.py POINT N -- compatzoo-args...``.
 POINT: ``chunk`` (the N-th chunk written into a partial output: mid-file), ``commit`` (just
 after the N-th output is renamed into place, before the manifest records it: between
 files) or ``manifest`` (inside the N-th manifest write, after its temporary file is
-written and before it replaces the manifest)."""
+written and before it replaces the manifest). Under torchrun, ``KILL_RANK`` chooses the
+rank that dies (the others run on until torchrun stops them)."""
 
 import os
 import signal
@@ -55,7 +56,8 @@ def kill_at(point: str, n: int) -> None:
 if __name__ == "__main__":
     point, n, separator, *args = sys.argv[1:]
     assert separator == "--"
-    kill_at(point, int(n))
+    if os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0"):
+        kill_at(point, int(n))
     from compatzoo.cli import main
 
     raise SystemExit(main(args))

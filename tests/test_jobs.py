@@ -272,6 +272,38 @@ def test_a_killed_upgrade_resumes_to_the_bytes_of_an_uninterrupted_one(uninterru
     assert json.loads((out / "compatzoo-job.json").read_text())["status"] == "done"
 
 
+def torchrun(script: list[str], env_extra: dict[str, str] | None = None):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", *script], capture_output=True, text=True,
+                          cwd=HERE, env=env)
+
+
+def test_two_torchrun_ranks_split_the_files_and_resume_after_one_is_killed(uninterrupted):
+    folder, expected = uninterrupted
+    args = ["upgrade", "bict-synth", "--input", str(folder / "in"), "--chunk-rows", "256",
+            "--quiet"]
+    both = torchrun(["-m", "compatzoo.cli", *args, "--output", str(folder / "ranks")])
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert outputs(folder / "ranks") == expected
+    manifest = json.loads((folder / "ranks" / "compatzoo-job.json").read_text())
+    assert manifest["status"] == "done" and len(manifest["outputs"]) == 4
+    assert not list((folder / "ranks").glob("compatzoo-job.rank-*.json"))   # merged
+    # rank 1 dies in its second file's first chunk; the rerun (2 ranks) finishes the job
+    out = folder / "ranks-killed"
+    killed = torchrun([str(HERE / "jobs_kill_driver.py"), "chunk", "4", "--", *args,
+                       "--output", str(out)], {"KILL_RANK": "1"})
+    assert killed.returncode != 0
+    assert json.loads((out / "compatzoo-job.json").read_text())["status"] == "running"
+    resumed = torchrun(["-m", "compatzoo.cli", *args, "--output", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outputs(out) == expected
+    single = cli(["upgrade", "bict-synth", "--verify", "--output", str(out)])
+    assert single.returncode == 0, single.stderr
+
+
 # --------------------------------------------------------------------------- order, embed
 @pytest.mark.parametrize("scheduler,bundle", [("random", "bict-synth"),
                                               ("uncertainty", "ract-synth"),
@@ -385,3 +417,18 @@ def test_the_upgraded_bytes_match_a_stored_gallery_advance(bict):
     rows = torch.from_numpy(gallery(64))
     assert torch.equal(bict.advance(StoredGallery(rows)).features,
                        torch.from_numpy(bict.upgrade(rows.numpy())))
+
+
+def test_the_ray_engine_writes_the_local_engines_bytes(uninterrupted):
+    """Files on Ray actors (a local Ray with 2 CPUs), then a rerun with the local engine
+    finds the job done: the same job, the same outputs."""
+    pytest.importorskip("ray")
+    folder, expected = uninterrupted
+    out = folder / "ray"
+    summary = upgrade_gallery([bundle_step(compatzoo.load("bict-synth"))], [folder / "in"],
+                              out, chunk_rows=256, engine="ray", workers=2, progress=False)
+    assert summary["files_written"] == 4
+    assert outputs(out) == expected                     # byte for byte, every format
+    again = upgrade_gallery([bundle_step(compatzoo.load("bict-synth"))], [folder / "in"],
+                            out, chunk_rows=256, progress=False)
+    assert again["files_written"] == 0

@@ -113,7 +113,9 @@ def embed_images(bundle, images: str | Path, output: str | Path, *,
     manifest = Manifest.open(Path(output), "embed", parameters, models, sources)
     shards = [(f"part-{i:05d}.parquet", rows[start:start + shard_rows])
               for i, start in enumerate(range(0, len(rows), shard_rows))]
-    pending = [(name, part) for name, part in shards if not manifest.is_done(name)]
+    mine = set(manifest.mine([name for name, _ in shards]))
+    pending = [(name, part) for name, part in shards
+               if name in mine and not manifest.is_done(name)]
     manifest.start()
     transform = bundle.config.preprocess.transform()
     total = sum(len(part) for _, part in pending)
@@ -127,7 +129,9 @@ def embed_images(bundle, images: str | Path, output: str | Path, *,
     summary = {"images": int(len(rows)), "shards": len(shards), "shards_written": len(pending),
                "rows": total, "seconds": round(seconds, 3),
                "rows_per_s": round(total / max(seconds, 1e-9), 1)}
-    manifest.finish(summary)
+    if manifest.world > 1:
+        summary["rank"], summary["world_size"] = manifest.rank, manifest.world
+    manifest.finish(summary, [name for name, _ in shards])
     return summary
 
 

@@ -1,11 +1,18 @@
 """A job's manifest, ``OUTPUT/compatzoo-job.json``: what the job is (its kind, parameters
 and the models it applies), the inputs it read (rows, sha256) and every output finished so
 far (rows, sha256, bytes). A rerun of the same command resumes from it; a rerun of another
-job, or over inputs that changed, is refused before anything is written."""
+job, or over inputs that changed, is refused before anything is written.
+
+Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` in the environment) rank r takes the units i
+with ``i % WORLD_SIZE == r`` and records what it finishes in its own
+``compatzoo-job.rank-<r>.json``, so ranks never write one file; every rank reads all of
+them to know what is done, and the rank that finds every unit done merges them into the
+manifest and marks the job done. A rerun with any number of ranks resumes."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,19 @@ SCHEMA_VERSION = 1
 
 class JobStateError(CompatzooError):
     """An output folder or its manifest does not fit the job asked for."""
+
+
+def job_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a ``torchrun`` launch; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise SpecError(f"RANK={rank} and WORLD_SIZE={world} do not describe a launch")
+    return rank, world
+
+
+def _rank_file(rank: int) -> str:
+    return f"compatzoo-job.rank-{rank}.json"
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,7 @@ class Manifest:
 
     def __init__(self, folder: Path, data: dict[str, Any]):
         self.folder, self.data = folder, data
+        self.rank, self.world = job_rank()
 
     @property
     def path(self) -> Path:
@@ -69,7 +90,8 @@ class Manifest:
                         "was written. Restore the input, or use another output folder")
             return cls(folder, data)
         if folder.exists():
-            stray = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            stray = sorted(p.name for p in folder.iterdir()
+                           if not p.name.startswith((".", "compatzoo-job.")))
             if stray:
                 raise JobStateError(
                     f"{folder} already holds {stray[:5]} but no {MANIFEST}: it was not written "
@@ -88,26 +110,56 @@ class Manifest:
     def save(self) -> None:
         write_json(self.path, self.data)
 
+    def mine(self, names: list[str]) -> list[str]:
+        """The units this rank takes, by their position in the whole job."""
+        return [name for i, name in enumerate(names) if i % self.world == self.rank]
+
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        """Every finished output: the manifest's and those the ranks recorded."""
+        found = dict(self.data["outputs"])
+        for path in sorted(self.folder.glob("compatzoo-job.rank-*.json")):
+            try:
+                found.update(json.loads(path.read_text()).get("outputs", {}))
+            except json.JSONDecodeError:
+                continue    # replaced atomically, so never half written; ignore if foreign
+        return found
+
     def is_done(self, name: str) -> bool:
         """Recorded as finished, and still there with the recorded size."""
-        record = self.data["outputs"].get(name)
+        record = self.outputs().get(name)
         path = self.folder / name
         return record is not None and path.is_file() and path.stat().st_size == record["bytes"]
 
     def record(self, name: str, rows: int, **extra: Any) -> None:
         path = self.folder / name
-        self.data["outputs"][name] = {"rows": rows, "sha256": file_sha256(path),
-                                      "bytes": path.stat().st_size, **extra}
-        self.save()
+        entry = {"rows": rows, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                 **extra}
+        if self.world == 1:
+            self.data["outputs"][name] = entry
+            self.save()
+            return
+        rank_path = self.folder / _rank_file(self.rank)
+        mine = json.loads(rank_path.read_text()) if rank_path.is_file() else {"outputs": {}}
+        mine["outputs"][name] = entry
+        write_json(rank_path, mine)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], names: list[str]) -> bool:
+        """Mark the job done if every unit of ``names`` is; returns whether it is. Under
+        torchrun the rank that finds everything done merges the ranks' records."""
+        outputs = self.outputs()
+        if not all(name in outputs for name in names):
+            return False
+        self.data["outputs"] = outputs
         self.data["status"], self.data["summary"] = "done", summary
         self.save()
+        for path in self.folder.glob("compatzoo-job.rank-*.json"):
+            path.unlink(missing_ok=True)
+        return True
 
     def verify(self) -> list[str]:
         """Outputs whose bytes no longer match the manifest (missing, other sha256)."""
         problems = []
-        for name, record in self.data["outputs"].items():
+        for name, record in self.outputs().items():
             path = self.folder / name
             if not path.is_file():
                 problems.append(f"{name}: missing")

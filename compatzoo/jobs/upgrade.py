@@ -42,6 +42,7 @@ class Step:
     identity: dict[str, Any]
     old_fingerprint: str | None = None
     new_fingerprint: str | None = None
+    source: str | None = None      # a bundle source another process can load it from
 
 
 def bundle_step(bundle) -> Step:
@@ -59,7 +60,9 @@ def bundle_step(bundle) -> Step:
         advance=lambda stored, chunk: bundle.advance(stored, chunk_size=chunk),
         identity={"bundle": config.name, "weights_sha256": weights,
                   "old": config.old.fingerprint, "new": config.new.fingerprint},
-        old_fingerprint=config.old.fingerprint, new_fingerprint=config.new.fingerprint)
+        old_fingerprint=config.old.fingerprint, new_fingerprint=config.new.fingerprint,
+        source=(bundle.source["uri"] if bundle.source.get("kind") == "hf-hub"
+                else str(bundle.folder)))
 
 
 def upgrader_step(upgrader: GalleryUpgrader) -> Step:
@@ -95,10 +98,15 @@ def upgrade_gallery(steps: Sequence[Step], inputs: Sequence[str | Path], output:
                     side_column: str | None = None, previous_column: str | None = None,
                     key: str | None = None, chunk_rows: int = 65536,
                     on_bad_rows: BadRows = "fail", fingerprint: str | None = None,
+                    engine: Literal["local", "ray"] = "local", workers: int = 2,
                     progress: bool = True) -> dict[str, Any]:
     """Apply ``steps`` (a chain of hops, applied one after the other in one pass) to every
     stored file of ``inputs``; write ``output/<same name>`` in the same format. Returns
-    the job's summary (also in ``output/compatzoo-job.json``)."""
+    the job's summary (also in ``output/compatzoo-job.json``).
+
+    ``engine="ray"`` runs the files on ``workers`` Ray actors (a Ray Data pipeline of files;
+    connect to a cluster with ``RAY_ADDRESS``, else a local Ray starts); the outputs are the
+    local engine's, byte for byte."""
     started = time.perf_counter()
     if not steps:
         raise SpecError("an upgrade job needs at least one bundle")
@@ -106,6 +114,11 @@ def upgrade_gallery(steps: Sequence[Step], inputs: Sequence[str | Path], output:
         raise SpecError(f"chunk_rows must be at least 1, got {chunk_rows}")
     if on_bad_rows not in ("fail", "skip", "zero"):
         raise SpecError(f"on_bad_rows must be fail, skip or zero, got {on_bad_rows!r}")
+    if engine not in ("local", "ray"):
+        raise SpecError(f"engine must be local or ray, got {engine!r}")
+    if engine == "ray" and any(step.source is None for step in steps):
+        raise SpecError("the ray engine loads each bundle on its actors: give bundles (a "
+                        "bare upgrader runs with the local engine)")
     _check_chain(steps)
     output = Path(output)
     units = _open_units(steps[0], inputs, side, previous, column, side_column,
@@ -121,7 +134,8 @@ def upgrade_gallery(steps: Sequence[Step], inputs: Sequence[str | Path], output:
                   "previous": None if previous is None else [u.previous.path.name for u in units]}
     records = [InputRecord.of(u.main.path, u.main.rows) for u in units]
     manifest = Manifest.open(output, "upgrade", parameters, [s.identity for s in steps], records)
-    pending = [u for u in units if not manifest.is_done(u.name)]
+    mine = set(manifest.mine([u.name for u in units]))
+    pending = [u for u in units if u.name in mine and not manifest.is_done(u.name)]
     _scan_bad_rows(pending, chunk_rows, on_bad_rows)
     manifest.start()
 
@@ -129,18 +143,31 @@ def upgrade_gallery(steps: Sequence[Step], inputs: Sequence[str | Path], output:
     bytes_read = sum(u.main.path.stat().st_size for u in pending)
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="upgrade", disable=not progress)
     with bar:
-        for unit in pending:
-            _upgrade_unit(unit, steps, output, manifest, chunk_rows, on_bad_rows,
-                          steps[-1].new_fingerprint, bar)
+        if engine == "ray":
+            from compatzoo.jobs.ray_engine import upgrade_on_ray
+
+            done = upgrade_on_ray(pending, steps, output, chunk_rows, on_bad_rows, workers,
+                                  {"column": column, "side_column": side_column,
+                                   "previous_column": previous_column, "key": key})
+        else:
+            done = (_upgrade_unit(unit, steps, output, chunk_rows, on_bad_rows,
+                                  steps[-1].new_fingerprint, bar.update) for unit in pending)
+        for written in done:
+            for name, rows, extra in written:
+                manifest.record(name, rows, **extra)
+            if engine == "ray":
+                bar.update(written[-1][1])
     seconds = time.perf_counter() - started
     summary = {"files": len(units), "files_written": len(pending), "rows": total,
                "rows_skipped": sum(u.bad for u in pending) if on_bad_rows == "skip" else 0,
                "rows_zeroed": sum(u.bad for u in pending) if on_bad_rows == "zero" else 0,
                "seconds": round(seconds, 3), "rows_per_s": round(total / max(seconds, 1e-9), 1),
                "bytes_read": bytes_read,
-               "bytes_written": sum(r["bytes"] for n, r in manifest.data["outputs"].items()
+               "bytes_written": sum(r["bytes"] for n, r in manifest.outputs().items()
                                     if n in {u.name for u in pending})}
-    manifest.finish(summary)
+    if manifest.world > 1:
+        summary["rank"], summary["world_size"] = manifest.rank, manifest.world
+    manifest.finish(summary, [u.name for u in units])
     return summary
 
 
@@ -242,8 +269,12 @@ def _scan_bad_rows(units: list[_Unit], chunk_rows: int, policy: BadRows) -> None
             "rows) or zero (upgrade a zero vector in their place)")
 
 
-def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, manifest: Manifest,
-                  chunk_rows: int, policy: BadRows, fingerprint: str | None, bar) -> None:
+def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, chunk_rows: int,
+                  policy: BadRows, fingerprint: str | None,
+                  on_rows: Callable[[int], None] = lambda n: None) -> list[tuple[str, int, dict]]:
+    """Read, upgrade and write one file; returns what it wrote, to record (side
+    information first, the file itself last: the unit counts as done once that is
+    recorded)."""
     rows = unit.main.rows - (unit.bad if policy == "skip" else 0)
     writer = unit.main.writer(output / unit.name, steps[-1].output_dim, rows, fingerprint)
     side_writer = None
@@ -279,10 +310,9 @@ def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, manifest: Ma
                     side_writer = _NpyWriter(output / "side" / f"{Path(unit.name).stem}.npy",
                                              stored.side.shape[1], rows)
                 side_writer.write(stored.side.numpy(), None)
-            bar.update(n)
+            on_rows(n)
         if side_writer is not None:
             side_writer.commit()
-            manifest.record(f"side/{side_writer.target.name}", rows)
         writer.commit()
     except BaseException:
         writer.abort()
@@ -292,8 +322,9 @@ def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, manifest: Ma
     finally:
         for reader in readers.values():
             reader.close()
-    manifest.record(unit.name, rows, skipped=unit.bad if policy == "skip" else 0,
-                    zeroed=unit.bad if policy == "zero" else 0)
+    written = [] if side_writer is None else [(f"side/{side_writer.target.name}", rows, {})]
+    return written + [(unit.name, rows, {"skipped": unit.bad if policy == "skip" else 0,
+                                         "zeroed": unit.bad if policy == "zero" else 0})]
 
 
 def _filter(carried, keep: np.ndarray):
