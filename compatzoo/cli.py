@@ -20,11 +20,13 @@ DEMO_SPEC = "demo.yaml"
 
 
 def _set_threads() -> None:
-    """One intra-op thread per available core: more threads than cores is slower."""
+    """One intra-op thread per available core, shared among the processes torchrun
+    started on this machine: more threads than cores is slower."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (cores or 1) // max(1, local)))
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

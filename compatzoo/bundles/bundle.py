@@ -279,11 +279,14 @@ class UpgradeBundle:
                 f"{self.config.old.generation} ({self.fingerprint[:16]}...); use the bundle "
                 "whose old model embedded them, or re-embed them with bundle.encode(..., "
                 "model='old')")
-        check_features(stored.features, self.config.old.embedding_dim,
-                       f"stored embeddings for bundle {self.config.name!r} (old model "
-                       f"{self.config.old.generation})")
+        what = (f"stored embeddings for bundle {self.config.name!r} (old model "
+                f"{self.config.old.generation})")
         if self.upgrader is None:
+            check_features(stored.features, self.config.old.embedding_dim, what)
             return StoredGallery(stored.features, None, stored.features)
+        shape = tuple(stored.features.shape)
+        if len(shape) != 2 or shape[1] != self.config.old.embedding_dim:   # the upgrader
+            check_features(stored.features, self.config.old.embedding_dim, what)  # checks rows
         return self.upgrader.advance(stored, chunk_size)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from compatzoo.data.image_folder import IMAGE_EXTENSIONS
 from compatzoo.errors import DatasetError, SpecError
 from compatzoo.jobs.manifest import InputRecord, Manifest
-from compatzoo.jobs.stores import FINGERPRINT_KEY
+from compatzoo.jobs.stores import FINGERPRINT_KEY, returned_memory
 
 
 def image_list(images: str | Path) -> list[Path]:
@@ -66,6 +66,7 @@ class _Decode(torch.utils.data.Dataset):
                                "it from the list") from None
 
 
+@returned_memory()
 def embed_images(bundle, images: str | Path, output: str | Path, *,
                  order: str | Path | None = None, shard_rows: int = 65536,
                  batch_size: int = 256, workers: int = 2, model: str = "new",

@@ -130,10 +130,11 @@ class Manifest:
         path = self.folder / name
         return record is not None and path.is_file() and path.stat().st_size == record["bytes"]
 
-    def record(self, name: str, rows: int, **extra: Any) -> None:
+    def record(self, name: str, rows: int, sha256: str | None = None, **extra: Any) -> None:
+        """A finished output; ``sha256`` when the writer hashed it while writing."""
         path = self.folder / name
-        entry = {"rows": rows, "sha256": file_sha256(path), "bytes": path.stat().st_size,
-                 **extra}
+        entry = {"rows": rows, "sha256": sha256 or file_sha256(path),
+                 "bytes": path.stat().st_size, **extra}
         if self.world == 1:
             self.data["outputs"][name] = entry
             self.save()

@@ -17,11 +17,12 @@ import torch
 from compatzoo.errors import DimensionMismatchError, SpecError
 from compatzoo.interfaces import BackfillState, StoredGallery
 from compatzoo.jobs.manifest import InputRecord, JobStateError
-from compatzoo.jobs.stores import expand_inputs, open_stored, write_json
+from compatzoo.jobs.stores import expand_inputs, open_stored, returned_memory, write_json
 
 ORDER_SUFFIXES = (".npy", ".parquet")
 
 
+@returned_memory()
 def order_gallery(bundle, gallery: Sequence[str | Path], output: str | Path, *,
                   scheduler: str = "random", scheduler_params: dict[str, Any] | None = None,
                   side: Sequence[str | Path] | None = None, column: str = "embedding",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,10 @@ class Reader:
 
 
 class Writer:
-    """Appends chunks to a hidden partial file; ``commit`` renames it into place."""
+    """Appends chunks to a hidden partial file; ``commit`` renames it into place.
+    ``sha256`` is the finished file's, where the writer could hash it as it wrote."""
+
+    sha256: str | None = None
 
     def __init__(self, target: Path):
         self.target = target
@@ -173,12 +177,27 @@ class _ArrayReader(Reader):
         return block, None
 
 
+class _HashingFile:
+    """A binary file that hashes what is written to it, so a finished output's sha256
+    needs no second read."""
+
+    def __init__(self, path: Path):
+        self.handle, self.digest = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.handle.write(data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class _NpyWriter(Writer):
     """The header first, then the rows appended as they come: no memory map."""
 
     def __init__(self, target: Path, dim: int, rows: int):
         super().__init__(target)
-        self.handle = open(self.partial, "wb")
+        self.handle = _HashingFile(self.partial)
         np.lib.format.write_array_header_1_0(
             self.handle, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
         self.rows, self.written = rows, 0
@@ -186,6 +205,10 @@ class _NpyWriter(Writer):
     def write(self, features: np.ndarray, carried: Any) -> None:
         self.handle.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
         self.written += len(features)
+
+    @property
+    def sha256(self) -> str:
+        return self.handle.digest.hexdigest()
 
     def finish(self) -> None:
         self.handle.close()
@@ -250,7 +273,7 @@ class _SafetensorsWriter(_NpyWriter):
             header["__metadata__"] = {FINGERPRINT_KEY: fingerprint}
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self.handle = open(self.partial, "wb")
+        self.handle = _HashingFile(self.partial)
         self.handle.write(len(text).to_bytes(8, "little") + text)
         self.rows, self.written, self.key = rows, 0, key
 
@@ -272,11 +295,11 @@ class ParquetFile(StoredFile):
 
         self.path, self.column = path, column
         try:
-            self.file = pq.ParquetFile(path)
+            file = pq.ParquetFile(path)     # metadata only: readers open their own
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{path} is not a readable Parquet file, or it is truncated "
                                f"({exc}); re-write it") from None
-        schema = self.file.schema_arrow
+        schema = file.schema_arrow
         if column not in schema.names:
             raise SpecError(f"{path} has no column {column!r}; its columns are "
                             f"{schema.names}: name the embedding column with --column")
@@ -286,9 +309,14 @@ class ParquetFile(StoredFile):
             raise SpecError(f"{path}: column {column!r} holds {kind}, expected a list of floats "
                             "(one embedding per row)")
         self.schema = schema
-        self.rows = self.file.metadata.num_rows
-        first = next(self.file.iter_batches(batch_size=1, columns=[column]), None)
-        self.dim = 0 if first is None else len(first.column(0)[0])
+        self.rows = file.metadata.num_rows
+        if pa.types.is_fixed_size_list(kind):
+            self.dim = kind.list_size
+        else:   # the first row's length; the iterator (and its row group) is dropped at once
+            batches = file.iter_batches(batch_size=1, columns=[column])
+            first = next(batches, None)
+            del batches
+            self.dim = 0 if first is None else len(first.column(0)[0])
         meta = schema.metadata or {}
         value = meta.get(FINGERPRINT_KEY.encode())
         self.fingerprint = value.decode() if value else None
@@ -305,9 +333,17 @@ class _ParquetReader(Reader):
 
     def __init__(self, stored: ParquetFile):
         self.stored = stored
-        self.batches = stored.file.iter_batches(batch_size=65536)
+        import pyarrow.parquet as pq
+
+        # a file of its own, dropped with the reader: an open ParquetFile keeps what it
+        # decoded, so files held open for a whole job would grow its memory file by file
+        self.file = pq.ParquetFile(stored.path)
+        self.batches = self.file.iter_batches(batch_size=65536)
         self.pending = []     # record batches not yet served
         self.buffered = 0
+
+    def close(self) -> None:
+        self.batches = self.pending = self.file = None
 
     def take(self, n: int):
         import pyarrow as pa
@@ -448,6 +484,44 @@ def _check_2d(shape: tuple, path: Path) -> None:
     if len(shape) != 2:
         raise InvalidFeaturesError(f"{path} holds an array of shape {shape}; stored embeddings "
                                    "are (N, d), one row per item")
+
+
+@contextmanager
+def returned_memory():
+    """Arrow buffers from the system allocator while a job runs: arrow's default pool
+    (mimalloc) keeps freed memory for reuse, so a job's resident memory would grow with
+    every file it reads; the system allocator returns large blocks at once."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        yield
+        return
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``) after a
+    file: decoded Parquet pages are many mid-sized blocks, which would otherwise stay in
+    the heap, so resident memory would grow with the number of files read."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from compatzoo.errors import DimensionMismatchError, InvalidFeaturesError, SpecError
 from compatzoo.interfaces import GalleryUpgrader, StoredGallery
 from compatzoo.jobs.manifest import InputRecord, JobStateError, Manifest
-from compatzoo.jobs.stores import StoredFile, expand_inputs, open_stored
+from compatzoo.jobs.stores import (StoredFile, expand_inputs, open_stored, release_free_memory,
+                                   returned_memory)
 
 BadRows = Literal["fail", "skip", "zero"]
 
@@ -92,6 +93,7 @@ class _Unit:
         self.name = self.main.path.name
 
 
+@returned_memory()
 def upgrade_gallery(steps: Sequence[Step], inputs: Sequence[str | Path], output: str | Path, *,
                     side: Sequence[str | Path] | None = None,
                     previous: Sequence[str | Path] | None = None, column: str = "embedding",
@@ -259,6 +261,7 @@ def _scan_bad_rows(units: list[_Unit], chunk_rows: int, policy: BadRows) -> None
             bad_rows += (np.flatnonzero(~finite) + start).tolist()
         for reader in readers:
             reader.close()
+        release_free_memory()
         unit.bad = len(bad_rows)
         if bad_rows:
             problems.append(f"{unit.main.path}: {len(bad_rows)} rows (first: {bad_rows[:5]})")
@@ -322,8 +325,11 @@ def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, chunk_rows: 
     finally:
         for reader in readers.values():
             reader.close()
-    written = [] if side_writer is None else [(f"side/{side_writer.target.name}", rows, {})]
-    return written + [(unit.name, rows, {"skipped": unit.bad if policy == "skip" else 0,
+        release_free_memory()
+    written = [] if side_writer is None else [
+        (f"side/{side_writer.target.name}", rows, {"sha256": side_writer.sha256})]
+    return written + [(unit.name, rows, {"sha256": writer.sha256,
+                                         "skipped": unit.bad if policy == "skip" else 0,
                                          "zeroed": unit.bad if policy == "zero" else 0})]
 
 
