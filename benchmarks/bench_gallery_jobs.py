@@ -2,7 +2,7 @@
 memory, measured in one run: the job's I/O overhead, its peak memory at two gallery
 sizes, and rows/s under torchrun (2 processes) and Ray (2 CPUs) relative to 1 process.
 
-    python benchmarks/bench_gallery_jobs.py [--rows 1000000] [--small 250000] [--dim 512]
+    python benchmarks/bench_gallery_jobs.py [--rows 1000000] [--small 100000] [--dim 512]
         [--repeats 2] [--work /tmp/bench-jobs] [--parts times rss parallel] [--out jobs.json]
 
 The upgrader is a BiCT psi (512 -> 512 -> 512 -> 512 -> 512, random weights), in a bundle
@@ -106,7 +106,7 @@ def baseline(bundle: Path, inputs: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--small", type=int, default=250_000)
+    parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-jobs"))
@@ -120,7 +120,8 @@ def main() -> None:
     bundle = make_bundle(work / "bundle", args.dim)
     big = make_gallery(work / "big", args.rows, args.dim)
     small = make_gallery(work / "small", args.small, args.dim)
-    figures = {"rows": args.rows, "dim": args.dim, "upgrader": "bict-mlp, hidden 512"}
+    figures = {"rows": args.rows, "small_rows": args.small, "dim": args.dim,
+               "upgrader": "bict-mlp, hidden 512"}
     if "times" in args.parts:
         times = {"baseline": [], "npy": [], "parquet": []}
         for _ in range(args.repeats):                      # interleaved, best of N

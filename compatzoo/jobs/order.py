@@ -1,7 +1,8 @@
 """``compatzoo order``: the order in which to re-embed a stored gallery (the backfill), by
 any registered scheduler, from the stored embeddings and what the bundle knows (its
-upgrade, its per-item signals, its new head). Memory grows with the number of items, not
-with their width: embeddings stay on disk and are read in chunks."""
+upgrade, its per-item signals, its new head). The embeddings (and the upgraded ones) go
+to memory-mapped scratch files and are computed and scored in chunks; what the job holds
+in memory grows with the number of items (scores, the order), not with their width."""
 
 from __future__ import annotations
 

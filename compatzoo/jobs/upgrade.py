@@ -277,60 +277,87 @@ def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, chunk_rows: 
                   on_rows: Callable[[int], None] = lambda n: None) -> list[tuple[str, int, dict]]:
     """Read, upgrade and write one file; returns what it wrote, to record (side
     information first, the file itself last: the unit counts as done once that is
-    recorded)."""
+    recorded).
+
+    Reading the next chunk and writing the previous one run in a helper thread while
+    this one computes (file I/O, hashing and the upgrader's kernels release the GIL);
+    chunks are read, computed and written in order, so the bytes are those of a serial
+    loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = unit.main.rows - (unit.bad if policy == "skip" else 0)
     writer = unit.main.writer(output / unit.name, steps[-1].output_dim, rows, fingerprint)
-    side_writer = None
+    writers = {"main": writer}
     readers = {what: f.reader() for what, f in (("main", unit.main), ("side", unit.side),
                                                  ("previous", unit.previous)) if f is not None}
-    try:
-        for start in range(0, unit.main.rows, chunk_rows):
-            n = min(chunk_rows, unit.main.rows - start)
-            chunk = {what: reader.take(n) for what, reader in readers.items()}
-            features, carried = chunk["main"]
-            arrays = {what: values for what, (values, _) in chunk.items()}
-            finite = np.ones(n, dtype=bool)
-            for values in arrays.values():
-                finite &= np.isfinite(values).all(axis=1)
-            if not finite.all():
-                if policy == "skip":
-                    arrays = {what: values[finite] for what, values in arrays.items()}
-                    carried = _filter(carried, finite)
-                else:
-                    arrays = {what: np.where(finite[:, None], values, 0.0).astype(np.float32)
-                              for what, values in arrays.items()}
-            stored = StoredGallery(*(None if arrays.get(what) is None else
-                                     torch.from_numpy(np.ascontiguousarray(arrays[what]))
-                                     for what in ("main", "side", "previous")))
-            for step in steps:
-                stored = step.advance(stored, chunk_rows)
-            writer.write(stored.features.numpy(), carried)
-            if stored.side is not None:
-                if side_writer is None:
-                    from compatzoo.jobs.stores import _NpyWriter
 
-                    (output / "side").mkdir(exist_ok=True)
-                    side_writer = _NpyWriter(output / "side" / f"{Path(unit.name).stem}.npy",
+    def read(start: int):
+        n = min(chunk_rows, unit.main.rows - start)
+        chunk = {what: reader.take(n) for what, reader in readers.items()}
+        return n, {what: values for what, (values, _) in chunk.items()}, chunk["main"][1]
+
+    def write(stored: StoredGallery, carried) -> None:
+        writer.write(stored.features.numpy(), carried)
+        if stored.side is not None:
+            if "side" not in writers:
+                from compatzoo.jobs.stores import _NpyWriter
+
+                (output / "side").mkdir(exist_ok=True)
+                writers["side"] = _NpyWriter(output / "side" / f"{Path(unit.name).stem}.npy",
                                              stored.side.shape[1], rows)
-                side_writer.write(stored.side.numpy(), None)
-            on_rows(n)
-        if side_writer is not None:
-            side_writer.commit()
+            writers["side"].write(stored.side.numpy(), None)
+
+    starts = list(range(0, unit.main.rows, chunk_rows))
+    try:
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            reading = helper.submit(read, starts[0]) if starts else None
+            writing = None
+            for k in range(len(starts)):
+                n, arrays, carried = reading.result()
+                if k + 1 < len(starts):
+                    reading = helper.submit(read, starts[k + 1])
+                arrays, carried = _apply_policy(arrays, carried, policy)
+                stored = StoredGallery(*(None if arrays.get(what) is None else
+                                         torch.from_numpy(np.ascontiguousarray(arrays[what]))
+                                         for what in ("main", "side", "previous")))
+                for step in steps:
+                    stored = step.advance(stored, chunk_rows)
+                if writing is not None:
+                    writing.result()
+                writing = helper.submit(write, stored, carried)
+                on_rows(n)
+            if writing is not None:
+                writing.result()
+        if "side" in writers:
+            writers["side"].commit()
         writer.commit()
     except BaseException:
-        writer.abort()
-        if side_writer is not None:
-            side_writer.abort()
+        for open_writer in writers.values():
+            open_writer.abort()
         raise
     finally:
         for reader in readers.values():
             reader.close()
         release_free_memory()
-    written = [] if side_writer is None else [
-        (f"side/{side_writer.target.name}", rows, {"sha256": side_writer.sha256})]
+    written = [] if "side" not in writers else [
+        (f"side/{writers['side'].target.name}", rows, {"sha256": writers["side"].sha256})]
     return written + [(unit.name, rows, {"sha256": writer.sha256,
                                          "skipped": unit.bad if policy == "skip" else 0,
                                          "zeroed": unit.bad if policy == "zero" else 0})]
+
+
+def _apply_policy(arrays: dict[str, np.ndarray], carried, policy: BadRows):
+    """Rows with NaN or inf in any input: dropped (``skip``) or zeroed (``zero``)."""
+    n = len(arrays["main"])
+    finite = np.ones(n, dtype=bool)
+    for values in arrays.values():
+        finite &= np.isfinite(values).all(axis=1)
+    if finite.all():
+        return arrays, carried
+    if policy == "skip":
+        return {what: values[finite] for what, values in arrays.items()}, _filter(carried, finite)
+    return {what: np.where(finite[:, None], values, 0.0).astype(np.float32)
+            for what, values in arrays.items()}, carried
 
 
 def _filter(carried, keep: np.ndarray):
