@@ -109,6 +109,11 @@ def main() -> None:
                         help="combine the leaderboard.json of earlier runs instead of running; "
                         "a spec's rows come from the last run listed that has it")
     parser.add_argument("--only", nargs="*", help="spec file stems to run")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="keep the specs already "
+                          "finished in --out and run the others")
+    existing.add_argument("--overwrite", action="store_true", help="replace earlier runs "
+                          "in --out")
     parser.add_argument("--out", type=Path, default=Path("runs/suite"))
     parser.add_argument("--leaderboard", type=Path, default=None,
                         help="Markdown file to write (default: <out>/LEADERBOARD.md)")
@@ -133,12 +138,13 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     specs = sorted(p for p in args.suite.glob("*.yaml") if not args.only or p.stem in args.only)
     rows, chains, failures = [], [], {}
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     args.out.mkdir(parents=True, exist_ok=True)
     for path in specs:
         spec = load_spec(path)
         try:
             results = run_experiment(spec, args.out / path.stem, progress=False,
-                                     save_checkpoints=False)
+                                     save_checkpoints=False, mode=mode)
         except Exception as exc:  # one broken method must not hide the others' results
             failures[path.stem] = f"{type(exc).__name__}: {exc}"
             print(f"\n== {spec.name} FAILED: {failures[path.stem]}", flush=True)

@@ -22,6 +22,9 @@ def load_array(spec: str | Path) -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
+            if "mmap length is greater than file size" in str(exc):
+                raise DatasetError(f"{path} is truncated: its header describes more data than "
+                                   "the file holds; copy or write it again") from None
             raise DatasetError(f"{path} is not a plain numeric .npy array ({exc}); save it "
                                "with numpy.save on a numeric array") from None
     if path.suffix == ".safetensors":

@@ -14,7 +14,7 @@ from pathlib import Path
 # Set before torch is imported, and only if the user has not chosen a policy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from compatzoo.errors import CompatzooError, SpecError  # noqa: E402
+from compatzoo.errors import CompatzooError, SpecError, StorageError  # noqa: E402
 
 DEMO_SPEC = "demo.yaml"
 
@@ -45,16 +45,19 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool,
-              bundles: bool) -> dict:
+def _run_spec(spec_source, output_dir: str, args: argparse.Namespace) -> dict:
     from compatzoo.experiment import run_experiment
     from compatzoo.report import format_table
     from compatzoo.specs import load_spec
 
     spec = load_spec(spec_source)
     _set_threads()
-    results = run_experiment(spec, output_dir, progress=not quiet, save_checkpoints=checkpoints,
-                             save_bundles=bundles)
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
+    bundles = not args.no_bundles
+    results = run_experiment(spec, output_dir, progress=not args.quiet,
+                             save_checkpoints=not args.no_checkpoints, save_bundles=bundles,
+                             mode=mode, save_every=args.checkpoint_every,
+                             check_data=not args.skip_data_check)
     print(f"\n{spec.name}  (seed {spec.seed}, {results['timing']['total_s']:.0f} s)")
     print(format_table(results["evaluation"]))
     print(f"\nresults: {Path(output_dir) / 'results.json'}; plots: {output_dir}/*.png"
@@ -64,15 +67,14 @@ def _run_spec(spec_source, output_dir: str, quiet: bool, checkpoints: bool,
 
 def _cmd_run(args: argparse.Namespace) -> int:
     output = args.output_dir or str(Path("runs") / Path(args.spec).stem)
-    _run_spec(args.spec, output, args.quiet, not args.no_checkpoints, not args.no_bundles)
+    _run_spec(args.spec, output, args)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     spec_path = resources.files("compatzoo") / "configs" / DEMO_SPEC
     with resources.as_file(spec_path) as path:
-        results = _run_spec(path, args.output_dir, args.quiet, not args.no_checkpoints,
-                            not args.no_bundles)
+        results = _run_spec(path, args.output_dir, args)
     if not args.no_bundles:
         _reload_bundles(Path(args.output_dir), results)
     return 0
@@ -203,7 +205,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from compatzoo.specs import load_spec
 
     lineage = plan(load_spec(args.spec))
-    print(f"{args.spec}: valid ({lineage.spec.name}: old + {len(lineage.new)} new model(s))")
+    if args.check_data:
+        from compatzoo.data.checks import check_retrieval_labels, scan_images
+        from compatzoo.experiment import load_data
+
+        data = load_data(lineage).data
+        check_retrieval_labels(data)
+        scan_images({"train": data.train, "query": data.query, "gallery": data.gallery},
+                    progress=not args.quiet)
+    print(f"{args.spec}: valid ({lineage.spec.name}: old + {len(lineage.new)} new model(s))"
+          + ("; data checked" if args.check_data else ""))
     for chain in lineage.chains():
         print(f"  chain: {' -> '.join(chain)}")
     return 0
@@ -216,6 +227,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from compatzoo.arrays import load_array
+    from compatzoo.engine.checkpoints import atomic_write
     from compatzoo.errors import SpecError
     from compatzoo.retrieval import backfill_curve, evaluate
 
@@ -240,6 +252,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SpecError("give at least one query/gallery pair, e.g. --query-new and "
                         "--gallery-old for the cross test")
     out = Path(args.output_dir)
+    outputs = [out / "eval.json", out / "backfill.png"]
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"the output {out} is a file, not a folder; choose a folder with -o")
+    if any(p.exists() for p in outputs) and not args.overwrite:
+        raise SpecError(f"{out} already holds results of an evaluation "
+                        f"({', '.join(p.name for p in outputs if p.exists())}); pass "
+                        "--overwrite to replace them, or choose another folder with -o")
+    for stale in outputs:            # a failure below must not leave the previous results
+        stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     width = max(len(m) for m in args.metrics)
     print("setting  " + "  ".join(m.ljust(width) for m in args.metrics))
@@ -257,13 +278,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                **curve.to_dict()}
         primary = args.metrics[0]
         reference = {k: table[k][primary] for k in ("o2o", "n2n") if k in table}
-        curve.plot(out / "backfill.png", reference=reference)
+        atomic_write(out / "backfill.png",
+                     lambda tmp: curve.plot(tmp, reference=reference))
         nfr = curve.nfr.get(1)
         print(f"backfill AUC {primary}: {100 * curve.auc[primary]:.2f}"
               + (f"; NFR@1 max {100 * np.nanmax(nfr):.2f}" if nfr else ""))
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "eval.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"results: {out / 'eval.json'}")
     return 0
+
+
+def _steps(text: str) -> int:
+    """A count of steps, 0 or more (argparse reports the ValueError as a usage error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,8 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", "-o", default="runs/demo")
     for command in (run, demo):
         command.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        existing = command.add_mutually_exclusive_group()
+        existing.add_argument("--resume", action="store_true", help="continue the run in the "
+                              "output folder (same spec and data): finished stages are "
+                              "reloaded, an interrupted training goes on from its last state")
+        existing.add_argument("--overwrite", action="store_true", help="replace the run in "
+                              "the output folder as a whole")
+        command.add_argument("--checkpoint-every", type=_steps, default=500, metavar="STEPS",
+                             help="save the training state every STEPS steps, besides each "
+                             "epoch end (0: epoch ends only); default 500")
+        command.add_argument("--skip-data-check", action="store_true",
+                             help="do not decode every image once before training")
         command.add_argument("--no-checkpoints", action="store_true",
-                             help="do not save model weights")
+                             help="do not save model weights (the run cannot be resumed)")
         command.add_argument("--no-bundles", action="store_true",
                              help="do not write a bundle per new model")
     run.set_defaults(func=_cmd_run)
@@ -302,10 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--points", type=int, default=21)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output-dir", "-o", default="runs/eval")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace the results of an earlier evaluation in the folder")
     ev.set_defaults(func=_cmd_eval)
 
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec")
+    validate.add_argument("--check-data", action="store_true", help="also load the data, "
+                          "check query and gallery labels and decode every image once")
+    validate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     validate.set_defaults(func=_cmd_validate)
 
     bundle = sub.add_parser("bundle", help="re-create the bundle of a new model from a run "
@@ -400,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug or isinstance(exc, BrokenPipeError):
+            raise
+        print(f"error: {StorageError.from_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

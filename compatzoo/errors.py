@@ -42,3 +42,37 @@ class TrainingDivergedError(CompatzooError):
 
 class InvalidArgumentError(CompatzooError):
     """A retrieval argument (metric name, order, targets, ...) is not usable."""
+
+
+class PluginLoadError(PluginError):
+    """The installed plugins could not be loaded into a registry: one failed to import or
+    register while plugins load strictly (``COMPATZOO_STRICT_PLUGINS=1``), or two register
+    the same name. One error for the whole registry, never one per component or spec field."""
+
+
+class StorageError(CompatzooError):
+    """The machine refused a read or write: a full disk, a folder that cannot be written,
+    a file where a folder belongs."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> StorageError:
+        """What was refused, where, and what to do."""
+        import errno
+
+        where = exc.filename or "a file"
+        if getattr(exc, "filename2", None):
+            where = f"{where} -> {exc.filename2}"
+        advice = {
+            errno.ENOSPC: "no space left on the device: free space or write elsewhere (-o / "
+                          "--output); a run continues from its last saved state with --resume",
+            errno.EDQUOT: "disk quota exceeded: free space or write elsewhere",
+            errno.EACCES: "permission denied: choose a folder you can write, or fix its "
+                          "permissions",
+            errno.EPERM: "operation not permitted: choose a folder you can write",
+            errno.EROFS: "the file system is read-only: choose a writable folder",
+            errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+            errno.EISDIR: "a folder stands where a file is needed: choose another path",
+            errno.EEXIST: "it already exists: choose another path",
+            errno.ENOENT: "no such file or folder: check the path",
+        }.get(exc.errno, exc.strerror or str(exc))
+        return cls(f"{where}: {advice}")

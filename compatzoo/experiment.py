@@ -16,6 +16,7 @@ result of a phase does not depend on what ran before it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,14 @@ import torch
 from compatzoo.data.allocations import Allocation
 from compatzoo.data.augment import AugmentParams, BatchAugment
 from compatzoo.data.datasets import LabeledImages, RetrievalData
-from compatzoo.engine import TrainedModel, extract_features, resolve_device, save_state, train_model
+from compatzoo.engine import (TrainedModel, extract_features, load_state, resolve_device,
+                              save_state, train_model)
+from compatzoo.engine.checkpoints import FIT_STATE, load_fit_state
 from compatzoo.engine.training import check_batches
+from compatzoo.errors import StorageError
 from compatzoo.interfaces import GalleryUpgrader, HopData, StoredGallery
 from compatzoo.lineage import ROOT, Hop, Lineage, advance, carry, plan
+from compatzoo.run_folder import Mode, RunFolder, data_fingerprint
 from compatzoo.specs import ExperimentSpec
 
 
@@ -63,6 +68,8 @@ class RunOptions:
     batch_size: int = 512                    # feature extraction
     checkpoints: Path | None = None          # folder of checkpoints/<generation>/...
     log_path: Path | None = None             # per-step training log (JSON lines)
+    folder: RunFolder | None = None          # finished stages to reload, not redo
+    save_every: int = 0                      # steps between training states (0: epochs)
 
 
 @dataclass
@@ -128,22 +135,59 @@ def load_data(lineage: Lineage) -> RunData:
 
 
 def train(lineage: Lineage, run: RunData, options: RunOptions) -> dict[str, TrainedModel]:
-    """Every generation, oldest first, each against the model it follows."""
+    """Every generation, oldest first, each against the model it follows. A generation
+    the run folder records as trained is loaded, one with a saved training state goes on
+    from it."""
     models: dict[str, TrainedModel] = {}
     num_classes = run.data.num_classes
+    folder = options.folder
     for name, generation in lineage.generations.items():
         started = time.perf_counter()
         seed_everything(generation.seed)
         encoder, head = generation.build(num_classes)
+        stage = f"train/{name}"
+        state_path = None if options.checkpoints is None else (
+            options.checkpoints / name / FIT_STATE)
+        if folder is not None and folder.done(stage):
+            models[name] = _load_trained(encoder, head, run.train_sets[name], generation,
+                                         options.checkpoints / name, folder.done(stage))
+            state_path.unlink(missing_ok=True)      # left by a stop right after the record
+            continue
+        resume = None
+        if folder is not None and state_path is not None and state_path.exists():
+            resume = load_fit_state(state_path)
+        elif folder is not None and options.log_path and options.log_path.exists():
+            with open(options.log_path, "r+b") as log:   # lines of an unfinished attempt
+                log.truncate(folder.log_offset())
         models[name] = train_model(
             encoder, head, run.train_sets[name], generation.build_loss(),
             generation.model.train, augment=run.augment, seed=generation.seed,
             old=models.get(generation.previous), old_feature_cache=generation.old_feature_cache,
             log_path=options.log_path, progress=options.progress, desc=name,
             checkpoint_dir=None if options.checkpoints is None else options.checkpoints / name,
-            checkpoint_config=generation.record(num_classes))
+            checkpoint_config=generation.record(num_classes), resume=resume,
+            fit_state_path=state_path, save_every=options.save_every)
         models[name].seconds = time.perf_counter() - started
+        if folder is not None and options.checkpoints is not None:
+            folder.mark_done(stage, {
+                "seconds": models[name].seconds, "history": models[name].history,
+                "log_offset": options.log_path.stat().st_size
+                if options.log_path and options.log_path.exists() else 0,
+                "resumed_from": None if resume is None else {
+                    "epoch": resume.epoch + 1, "step": resume.step}})
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
     return models
+
+
+def _load_trained(encoder, head, items: LabeledImages, generation, directory: Path,
+                  record: dict[str, Any]) -> TrainedModel:
+    """A generation trained in an earlier session of the run, from its checkpoint."""
+    load_state(directory, {"encoder": encoder, "head": head})
+    device = resolve_device(generation.model.train.device)
+    return TrainedModel(encoder.to(device).eval(), head.to(device).eval(),
+                        torch.unique(torch.as_tensor(items.labels)), list(record["history"]),
+                        record["seconds"])
 
 
 def embed(models: dict[str, TrainedModel], run: RunData,
@@ -167,26 +211,34 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
     """Fit every hop on its target's training set, oldest target first, and carry the
     stored galleries through each fitted hop at once."""
     upgrades = Upgrades()
+    folder = options.folder
     for name in lineage.new:
         generation = lineage.generations[name]
         items = run.train_sets[name]
         features = _ItemFeatures(models, items, options)
         seed_everything(generation.seed)
+        finished = None if folder is None else folder.done(f"upgrade/{name}")
         for hop in lineage.hops_into(name):
             started = time.perf_counter()
             upgrader = hop.build()
-            before = lineage.chain_hop(hop.source)
-            stored = (_stored_items(lineage, upgrades, hop.source, features[ROOT], items, options)
-                      if upgrader.fits_on_stored and hop.source != ROOT else None)
-            history = upgrader.fit(HopData(
-                old_features=features[hop.source], new_features=features[name],
-                labels=torch.as_tensor(items.labels), stored=stored,
-                new_head=models[name].head, old_train=run.train_sets[hop.source],
-                new_train=items, augment=run.augment, device=options.device,
-                previous_upgrader=None if before is None else upgrades.hops[before.label].upgrader,
-                seed=generation.seed, progress=options.progress))
+            if finished is not None:       # fitted in an earlier session of the run
+                load_state(options.checkpoints / name / hop.folder, {"upgrader": upgrader})
+                history = finished["hops"][hop.label]["history"]
+            else:
+                before = lineage.chain_hop(hop.source)
+                stored = (_stored_items(lineage, upgrades, hop.source, features[ROOT], items,
+                                        options)
+                          if upgrader.fits_on_stored and hop.source != ROOT else None)
+                history = upgrader.fit(HopData(
+                    old_features=features[hop.source], new_features=features[name],
+                    labels=torch.as_tensor(items.labels), stored=stored,
+                    new_head=models[name].head, old_train=run.train_sets[hop.source],
+                    new_train=items, augment=run.augment, device=options.device,
+                    previous_upgrader=(None if before is None
+                                       else upgrades.hops[before.label].upgrader),
+                    seed=generation.seed, progress=options.progress))
             upgrader = upgrader.cpu().eval()
-            if options.checkpoints is not None:
+            if options.checkpoints is not None and finished is None:
                 save_state(options.checkpoints / name / hop.folder, {"upgrader": upgrader},
                            hop.record(upgrader))
             # The source's gallery as stored, with the side information this hop reads.
@@ -195,11 +247,18 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
             source_gallery = StoredGallery(embeddings[hop.source].gallery, side)
             entering = (upgrades.carried[(ROOT, hop.source)]
                         if hop.in_chain and hop.source != ROOT else source_gallery)
+            seconds = (finished["hops"][hop.label]["seconds"] if finished is not None
+                       else time.perf_counter() - started)
             upgrades.hops[hop.label] = FittedHop(hop, upgrader, history, source_gallery,
-                                                 entering, time.perf_counter() - started)
+                                                 entering, seconds)
             if not hop.in_chain:
                 upgrades.direct[hop.label] = upgrader.advance(source_gallery)
         _carry_chain(lineage, upgrades, embeddings, name)
+        if folder is not None and finished is None and options.checkpoints is not None:
+            folder.mark_done(f"upgrade/{name}", {"hops": {
+                hop.label: {"history": upgrades.hops[hop.label].history,
+                            "seconds": upgrades.hops[hop.label].seconds}
+                for hop in lineage.hops_into(name)}})
     return upgrades
 
 
@@ -248,25 +307,52 @@ def _stored_items(lineage: Lineage, upgrades: Upgrades, source: str, root_featur
 
 
 def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool = True,
-                   save_checkpoints: bool = True, save_bundles: bool = True) -> dict[str, Any]:
+                   save_checkpoints: bool = True, save_bundles: bool = True,
+                   mode: Mode = "new", save_every: int = 0,
+                   check_data: bool = False) -> dict[str, Any]:
     """Train and evaluate everything the spec describes; write results (and a bundle per
     new model, ``bundles/<name>/``) under output_dir and return the results (the content
-    of ``results.json``)."""
+    of ``results.json``).
+
+    ``mode``: ``new`` needs a missing or empty folder, ``resume`` continues the run in it
+    (the same spec and data; finished stages are reloaded, a training goes on from its
+    last saved state), ``overwrite`` replaces the run in it. ``save_every`` saves the
+    training state every that many steps besides each epoch end. ``check_data`` decodes
+    every image once before any training. All of it is checked before any training."""
+    try:
+        return _run_experiment(spec, Path(output_dir), progress, save_checkpoints,
+                               save_bundles, mode, save_every, check_data)
+    except OSError as exc:             # the machine's refusals, as messages
+        raise StorageError.from_os_error(exc) from exc
+
+
+def _run_experiment(spec: ExperimentSpec, out: Path, progress: bool, save_checkpoints: bool,
+                    save_bundles: bool, mode: Mode, save_every: int,
+                    check_data: bool) -> dict[str, Any]:
+    from compatzoo.data.checks import check_retrieval_labels, scan_images
     from compatzoo.evaluation import evaluate_run
     from compatzoo.report import Report, write
 
     started = time.perf_counter()
     lineage = plan(spec)
+    folder = RunFolder.claim(out, spec.model_dump(mode="json"), mode,
+                             {"checkpoints": save_checkpoints, "bundles": save_bundles})
+    if folder.finished:
+        return json.loads((out / "results.json").read_text())
     tick = time.perf_counter()
     run = load_data(lineage)
+    check_retrieval_labels(run.data)
+    if check_data:
+        scan_images({"train": run.data.train, "query": run.data.query,
+                     **({} if run.data.gallery is None else {"gallery": run.data.gallery})},
+                    progress=progress)
     timing = {"data_s": time.perf_counter() - tick}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.begin(data_fingerprint(run.data))
     options = RunOptions(progress=progress, device=resolve_device(spec.old.train.device),
                          batch_size=spec.evaluation.batch_size,
                          checkpoints=out / "checkpoints" if save_checkpoints else None,
-                         log_path=out / "train_log.jsonl")
-    options.log_path.unlink(missing_ok=True)
+                         log_path=out / "train_log.jsonl", folder=folder,
+                         save_every=save_every)
     models = train(lineage, run, options)
     embeddings = embed(models, run, options)
     upgrades = fit_upgraders(lineage, run, models, embeddings, options)
@@ -287,9 +373,12 @@ def run_experiment(spec: ExperimentSpec, output_dir: str | Path, progress: bool 
         training={**{name: model.history for name, model in models.items()},
                   **{f"{f.hop.label}/upgrader": f.history for f in hops}},
         evaluation=evaluation, timing=timing)
-    write(report, out)
+    staging = folder.staging()           # results, plots and bundles appear together
+    write(report, staging)
     if save_bundles:
-        write_bundles(lineage, run, models, upgrades, evaluation, out / "bundles")
+        write_bundles(lineage, run, models, upgrades, evaluation, staging / "bundles")
+    folder.publish(staging)
+    folder.finish()
     return report.to_dict()
 
 

@@ -1,7 +1,10 @@
 """Plugin manager: every component comes from an entry point in group ``compatzoo``.
 
-Loading is tolerant (a broken plugin is reported and skipped) unless
-``COMPATZOO_STRICT_PLUGINS=1``; duplicate names are an error naming both distributions.
+Loading is tolerant (a broken plugin, whatever it raises on import, even SystemExit, is
+reported and skipped) unless ``COMPATZOO_STRICT_PLUGINS=1``; duplicate names are an error
+naming both distributions. A failed strict load or a duplicate is one
+:class:`~compatzoo.errors.PluginLoadError`, raised again by every later
+:func:`get_registry` call until :func:`reset_registry`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pluggy
 from pydantic import BaseModel
 
 from compatzoo import hookspecs
-from compatzoo.errors import PluginError
+from compatzoo.errors import PluginError, PluginLoadError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ KINDS = ("encoder", "head", "loss", "upgrader", "scheduler", "dataset", "allocat
 ENTRY_POINT_GROUP = "compatzoo"
 
 
-class DuplicateComponentError(PluginError):
+class DuplicateComponentError(PluginLoadError):
     """Two plugins register the same (kind, name)."""
 
 
@@ -61,6 +64,14 @@ class FailedPlugin:
     error: str
 
 
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of why a plugin failed, saying what a bare SystemExit means."""
+    if isinstance(exc, SystemExit):
+        return (f"SystemExit({exc.code!r}): the module called sys.exit() (or exit()) while "
+                "being imported")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def strict_mode() -> bool:
     return os.environ.get("COMPATZOO_STRICT_PLUGINS", "") not in ("", "0", "false", "False")
 
@@ -87,16 +98,17 @@ class Registry:
             try:
                 module = ep.load()
                 self.add_plugin(module, ep.name, dist, version)
-            except DuplicateComponentError:
-                raise  # never silently pick one of two components with the same name
-            except Exception as exc:  # a plugin may fail in any way; report and go on
+            except (DuplicateComponentError, KeyboardInterrupt):
+                raise  # never pick one of two same-named components; Ctrl-C stops
+            except BaseException as exc:  # a plugin may fail in any way, even by calling
+                # sys.exit() at import time: report it and go on (or stop, when strict)
+                error = _describe_failure(exc)
                 if strict:
-                    raise PluginError(
+                    raise PluginLoadError(
                         f"plugin '{ep.name}' from distribution '{dist}' failed to load: "
-                        f"{type(exc).__name__}: {exc}. Reinstall or fix that package, or "
-                        "unset COMPATZOO_STRICT_PLUGINS to skip it."
+                        f"{error}. Reinstall or fix that package, or unset "
+                        "COMPATZOO_STRICT_PLUGINS to skip it."
                     ) from exc
-                error = f"{type(exc).__name__}: {exc}"
                 log.warning("skipping plugin %s (%s): %s", ep.name, dist, error)
                 log.debug("%s", traceback.format_exc())
                 self.failed.append(FailedPlugin(ep.name, dist, error))
@@ -185,19 +197,34 @@ class Registry:
 
 
 _REGISTRY: Registry | None = None
+_LOAD_ERROR: PluginLoadError | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, loaded from entry points on first use."""
-    global _REGISTRY
+    """The process-wide registry, loaded from entry points on first use.
+
+    When loading fails (a broken plugin under strict loading, or two plugins with one
+    name), the :class:`PluginLoadError` is kept and raised again by every later call,
+    without importing the plugins again; spec validation lets it through as it is, so a
+    broken plugin is one error, not one per component a spec names.
+    """
+    global _REGISTRY, _LOAD_ERROR
+    if _LOAD_ERROR is not None:
+        raise _LOAD_ERROR.with_traceback(None)
     if _REGISTRY is None:
         registry = Registry()
-        registry.load_entry_points()
+        try:
+            registry.load_entry_points()
+        except PluginLoadError as exc:
+            _LOAD_ERROR = exc
+            raise
         _REGISTRY = registry
     return _REGISTRY
 
 
 def reset_registry() -> None:
-    """Forget the loaded registry (tests, or after installing a plugin at run time)."""
-    global _REGISTRY
+    """Forget the loaded registry and any load failure (tests, or after installing or
+    fixing a plugin at run time)."""
+    global _REGISTRY, _LOAD_ERROR
     _REGISTRY = None
+    _LOAD_ERROR = None

@@ -3,47 +3,244 @@
 A component is named by ``name`` and carries ``params``; validation looks the name up in
 the registry and validates the params with the plugin's own model, so a typo anywhere in
 a spec is reported with its full path before anything runs.
+
+Specs are strict where silence hurts: a key given twice in a YAML mapping is an error
+(:class:`SpecLoader`), numbers and booleans are never converted from strings or from each
+other (:func:`validate_model`), and values that could only fail later (a seed numpy
+refuses, an NFR@k of 0, a device torch cannot parse) fail here.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import torch
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
                       field_validator, model_validator)
 
 from compatzoo.engine.fitting import Recipe
-from compatzoo.errors import CompatzooError, PluginError, SpecError
+from compatzoo.errors import CompatzooError, PluginError, PluginLoadError, SpecError
 from compatzoo.registry import get_registry
 
+SEED_MAX = 2**32 - 1
+"""The largest seed: numpy's ``np.random.seed`` takes [0, 2**32 - 1] and torch takes it too."""
 
-def format_validation_error(exc: ValidationError, source: str = "spec") -> str:
+
+# --------------------------------------------------------------------------- YAML
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping; ``lines`` are both, 1-based."""
+
+    def __init__(self, key: Any, lines: tuple[int, int], node: yaml.Node) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (lines {lines[0]} and "
+                         f"{lines[1]})", node.start_mark)
+        self.key, self.lines = key, lines
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader with two changes for specs.
+
+    - A key given twice in one mapping, at any depth (inside lists too), raises
+      :class:`DuplicateKeyError` instead of the last one silently winning. Keys merged in
+      with ``<<: *anchor`` may still be overridden by the mapping's own keys, as YAML says.
+    - ``1e-3`` and ``1.0e3`` are numbers, as in YAML 1.2 (YAML 1.1, which PyYAML follows,
+      reads a float only with a dot and a signed exponent): specs never convert strings to
+      numbers, so these must not load as strings.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self._check_unique_keys(node, deep)
+        return super().construct_mapping(node, deep=deep)
+
+    def _check_unique_keys(self, node: yaml.MappingNode, deep: bool) -> None:
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # check what it merges too
+                merged = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                          else [value_node])
+                for mapping in merged:
+                    if isinstance(mapping, yaml.MappingNode):
+                        self._check_unique_keys(mapping, deep)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKeyError(key, (first, line), key_node)
+            lines[key] = line
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read with :class:`SpecLoader`; its problems as :class:`SpecError`."""
+    try:
+        return yaml.load(path.read_text(), Loader=SpecLoader)  # a SafeLoader: no objects
+    except DuplicateKeyError as exc:
+        first, second = exc.lines
+        raise SpecError(
+            f"{path}: key {exc.key!r} is given twice in one mapping (lines {first} and "
+            f"{second}); YAML would silently keep only the second. Keep one of them.") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+
+
+# --------------------------------------------------------------------------- validation
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
+_NUMBER = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$")
+
+
+def _is_coercion(error: dict[str, Any]) -> bool:
+    """Whether a strict-mode error is a conversion lax mode would have made silently: a
+    string read as a number or boolean, a boolean as a number, a number as a boolean, a
+    float as an integer. (Other numeric types, e.g. numpy's, are left to lax mode.)"""
+    kind, value = error["type"], error.get("input")
+    if kind not in _EXPECTED:
+        return False
+    if isinstance(value, (str, bytes)):
+        return True
+    if kind == "bool_type":
+        return isinstance(value, (int, float))
+    return isinstance(value, bool) or (kind == "int_type" and isinstance(value, float))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (str, bytes)):
+        return f"the string {value!r}"
+    return f"the {type(value).__name__} {value!r}"
+
+
+def _coercion_message(error: dict[str, Any]) -> str:
+    kind, value = error["type"], error["input"]
+    if kind == "bool_type":
+        hint = "write true or false, without quotes"
+    elif isinstance(value, bool):
+        hint = "write a number, not true or false"
+    elif isinstance(value, float):
+        hint = "write a whole number, without a decimal point"
+    elif isinstance(value, str) and _NUMBER.match(value.strip()):
+        hint = f"write {value.strip()} without quotes"
+    else:
+        hint = f"write {_EXPECTED[kind]}"
+    return (f"expected {_EXPECTED[kind]}, found {_show(value)}; {hint} (a spec's numbers "
+            "and booleans are never converted from other types)")
+
+
+def validate_model(model: type[BaseModel], data: Any) -> tuple[BaseModel | None, list[dict]]:
+    """``model`` validated from ``data`` with no number or boolean converted: the instance
+    (None when there are problems) and the problems, as pydantic's error dicts.
+
+    Pydantic's default (lax) mode turns ``"2"`` and ``true`` into 2 for an int field.
+    Its strict mode (``strict=True``) refuses those, but it also refuses what YAML can only
+    write as a string or a list: a Path, a tuple, an enum value. So ``data`` is validated
+    twice: in lax mode, for the value and every other problem, then in strict mode, of whose
+    errors only the conversions lax mode made are kept (:func:`_is_coercion`). Both passes
+    run the same validators (``mode="before"`` ones included) and pick union members
+    themselves, so nested models, plugin params and ``X | None`` fields need no special
+    case, and an int stays accepted for a float field.
+    """
+    problems: list[dict] = []
+    value = None
+    try:
+        value = model.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors()
+    try:
+        model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        coerced = [{**e, "type": "coerced", "msg": _coercion_message(e)}
+                   for e in exc.errors() if _is_coercion(e)]
+        if coerced:
+            locs = {tuple(e["loc"]) for e in coerced}
+            problems = [e for e in problems if tuple(e["loc"]) not in locs] + coerced
+    return (None if problems else value), problems
+
+
+_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+           "finite_number", "too_short", "too_long"}
+
+
+def _message(error: dict[str, Any]) -> str:
+    """Pydantic's message, without its "Value error, " prefix; a violated bound also says
+    what was found."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in _BOUNDS:
+        message += f" (found {error['input']!r})"
+    return message
+
+
+def format_errors(errors: list[dict], source: str = "spec") -> str:
     """One line per problem: ``path.to.field: message``."""
     lines = []
-    for err in exc.errors():
+    for err in errors:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        message = err["msg"].removeprefix("Value error, ")
+        message = _message(err)
         if err["type"] == "extra_forbidden":
             message = "unknown field (check its spelling)"
         lines.append(f"  {path or '<root>'}: {message}")
     return f"invalid {source}:\n" + "\n".join(lines)
 
 
+def format_validation_error(exc: ValidationError, source: str = "spec") -> str:
+    """One line per problem: ``path.to.field: message``."""
+    return format_errors(exc.errors(), source)
+
+
+def _seed_message(value: int) -> str:
+    return (f"seed {value} is outside [0, {SEED_MAX}], the seeds numpy takes; use a "
+            "non-negative integer below 2**32")
+
+
+def _seed_problems(params: BaseModel, loc: tuple[str, ...] = ()) -> list[str]:
+    """Fields named ``seed`` (at any depth) outside [0, SEED_MAX]: a component's seed feeds
+    numpy or torch generators, which would refuse it only when the run gets there."""
+    problems = []
+    for field, value in params:
+        if isinstance(value, BaseModel):
+            problems += _seed_problems(value, (*loc, field))
+        elif (field == "seed" and isinstance(value, int) and not isinstance(value, bool)
+              and not 0 <= value <= SEED_MAX):
+            problems.append(f"params.{'.'.join((*loc, field))}: {_seed_message(value)}")
+    return problems
+
+
+def _param_problems(model: type[BaseModel], errors: list[dict], prefix: str = "") -> list[str]:
+    """``prefix.path: message`` of each problem of a params model, listing the known
+    parameters after a misspelt one."""
+    problems = []
+    for err in errors:
+        path = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".")
+        message = ("unknown parameter (check its spelling; known: "
+                   + ", ".join(model.model_fields) + ")"
+                   if err["type"] == "extra_forbidden" else _message(err))
+        problems.append(f"{path}: {message}" if path else message)
+    return problems
+
+
 def validate_params(kind: str, name: str, params: dict[str, Any]) -> BaseModel:
-    """The registered component's params model, filled with defaults."""
+    """The registered component's params model, filled with defaults; numbers and
+    booleans are not converted (:func:`validate_model`) and every ``seed`` param must be
+    in [0, SEED_MAX]."""
     record = get_registry().get(kind, name)
-    try:
-        return record.params_model.model_validate(params)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"params.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown parameter (check its spelling; known: "
-               + ", ".join(record.params_model.model_fields) + ")"
-               if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors())
-        raise SpecError(f"{kind} '{name}': {problems}") from None
+    validated, errors = validate_model(record.params_model, params)
+    problems = _param_problems(record.params_model, errors, "params.")
+    if validated is not None:
+        problems += _seed_problems(validated)
+    if problems:
+        raise SpecError(f"{kind} '{name}': " + "; ".join(problems))
+    return validated
 
 
 class ComponentSpec(BaseModel):
@@ -64,6 +261,8 @@ class ComponentSpec(BaseModel):
     def _validate_params(self) -> "ComponentSpec":
         try:
             validated = validate_params(self.kind, self.name, self.params)
+        except PluginLoadError:
+            raise  # the installation is broken, not this field: one error, not one per field
         except (PluginError, SpecError) as exc:
             raise ValueError(str(exc)) from None
         self.params = validated.model_dump(mode="json")
@@ -95,7 +294,8 @@ class HeadSpec(ComponentSpec):
 
 class LossTermSpec(ComponentSpec):
     kind: ClassVar[str] = "loss"
-    weight: float = Field(1.0, ge=0, description="weight of this term in the sum")
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                          description="weight of this term in the sum")
 
 
 class UpgraderSpec(ComponentSpec):
@@ -121,6 +321,18 @@ class TrainSpec(Recipe):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(False, description="mixed precision on CUDA")
     log_every: int = Field(20, ge=1, description="steps between JSON-lines log records")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """A device torch can name (whether it is present is the run's business)."""
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device '{value}' is not a device torch knows; use auto, "
+                                 "cpu, cuda, cuda:<index> or mps") from None
+        return value
 
 
 class ModelSpec(BaseModel):
@@ -181,23 +393,33 @@ class DataSpec(BaseModel):
     def _check_augment(cls, value: dict[str, Any]) -> dict[str, Any]:
         from compatzoo.data.augment import AugmentParams
 
-        return AugmentParams.model_validate(value).model_dump(mode="json")
+        validated, errors = validate_model(AugmentParams, value)
+        if errors:
+            raise ValueError("; ".join(_param_problems(AugmentParams, errors)))
+        return validated.model_dump(mode="json")
 
 
 class BackfillSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    points: int = Field(21, ge=2)
+    points: int = Field(21, ge=2, description="evenly spaced backfilled fractions, 0% and "
+                        "100% included")
     schedulers: list[SchedulerSpec] = Field(
         default_factory=lambda: [SchedulerSpec(name="random")], min_length=1)
-    models: list[str] | None = Field(None, description="new models to curve; null = all")
-    nfr_k: list[int] = Field(default_factory=lambda: [1])
+    models: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="new models to curve, each once; null = all")
+    nfr_k: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1], min_length=1,
+        description="k of each negative flip rate NFR@k, distinct, >= 1")
 
     @model_validator(mode="after")
-    def _distinct_schedulers(self) -> "BackfillSpec":
+    def _distinct_entries(self) -> "BackfillSpec":
         labels = [self.label(s) for s in self.schedulers]
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
-        if repeated:
-            raise ValueError(f"backfill.schedulers lists {repeated} more than once")
+        for field, values in (("schedulers", labels), ("models", self.models or []),
+                              ("nfr_k", self.nfr_k)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"backfill.{field} lists {repeated} more than once; list "
+                                 "each once")
         return self
 
     def label(self, scheduler: SchedulerSpec) -> str:
@@ -224,11 +446,16 @@ class EvaluationSpec(BaseModel):
     def _known_metrics(cls, value: list[str]) -> list[str]:
         from compatzoo.retrieval import parse_metric
 
+        seen: dict[tuple[str, int | None], str] = {}
         for name in value:
             try:
-                parse_metric(name)
+                metric = parse_metric(name)
             except CompatzooError as exc:
                 raise ValueError(str(exc)) from None
+            same = seen.setdefault((metric.kind, metric.k), name)
+            if same != name or value.count(name) > 1:
+                raise ValueError(f"metrics lists one metric twice ('{same}' and '{name}'); "
+                                 "list each metric once")
         return value
 
     @model_validator(mode="after")
@@ -244,27 +471,47 @@ class ExperimentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    seed: int = 0
+    seed: int = Field(
+        0, description="in [0, 2**32 - 1]: seeds the allocation, the backfill orders, the old "
+        "model (seed) and new model i (seed + 1 + i)")
     data: DataSpec
     old: ModelSpec
     new: list[NewModelSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int) -> int:
+        if not 0 <= value <= SEED_MAX:
+            raise ValueError(_seed_message(value))
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _apply_new_defaults(cls, data: Any) -> Any:
-        """``new_defaults`` fills encoder/head/train of every new model that omits them."""
+        """``new_defaults`` fills encoder/head/train (or any other field but the name) of
+        every new model that omits them."""
         if isinstance(data, dict) and "new_defaults" in data:
             data = dict(data)
             defaults = data.pop("new_defaults") or {}
             if not isinstance(defaults, dict):
                 raise ValueError("new_defaults must be a mapping of encoder/head/train")
+            allowed = [field for field in NewModelSpec.model_fields if field != "name"]
+            unknown = sorted(map(str, set(defaults) - set(allowed)))
+            if unknown:  # one error here rather than one under every new model
+                raise ValueError(f"new_defaults sets {unknown}, which is not a field a new "
+                                 f"model shares (check the spelling); it may set {allowed}")
             data["new"] = [{**defaults, **entry} if isinstance(entry, dict) else entry
                            for entry in data.get("new", [])]
         return data
 
     @model_validator(mode="after")
     def _check_models(self) -> "ExperimentSpec":
+        last_seed = self.seed + len(self.new)
+        if last_seed > SEED_MAX:
+            raise ValueError(f"seed {self.seed} is too large: new model i trains with seed + 1 "
+                             f"+ i, up to {last_seed}, past {SEED_MAX} (numpy's largest); use "
+                             f"a seed of at most {SEED_MAX - len(self.new)}")
         names = [m.name for m in self.new]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -298,20 +545,20 @@ class ExperimentSpec(BaseModel):
 
 
 def load_spec(source: str | Path | dict[str, Any]) -> ExperimentSpec:
-    """Read and validate an experiment spec from YAML (path) or a dict."""
+    """Read and validate an experiment spec from YAML (path) or a dict.
+
+    YAML is read with :class:`SpecLoader` (a key given twice is an error) and the spec is
+    validated with :func:`validate_model` (no number or boolean converted)."""
     label = "spec"
     if not isinstance(source, dict):
         path = Path(source)
         label = f"spec {path}"
         if not path.is_file():
             raise SpecError(f"spec file {path} does not exist")
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{path} is not valid YAML: {exc}") from None
+        source = read_yaml(path)
         if not isinstance(source, dict):
             raise SpecError(f"{path} must contain a YAML mapping at the top level")
-    try:
-        return ExperimentSpec.model_validate(source)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, label)) from None
+    spec, problems = validate_model(ExperimentSpec, source)
+    if problems:
+        raise SpecError(format_errors(problems, label))
+    return spec

@@ -12,7 +12,10 @@ def _write_features(tmp_path):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((5, 8))
     ql, gl = rng.integers(0, 5, 20), rng.integers(0, 5, 60)
-    noisy = lambda labels, s: (centres[labels] + s * rng.standard_normal((len(labels), 8))).astype(np.float32)
+
+    def noisy(labels, s):
+        return (centres[labels] + s * rng.standard_normal((len(labels), 8))).astype(np.float32)
+
     arrays = {"q_old": noisy(ql, 2.0), "g_old": noisy(gl, 2.0), "q_new": noisy(ql, 0.5),
               "g_new": noisy(gl, 0.5)}
     for name, value in arrays.items():

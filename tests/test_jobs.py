@@ -22,7 +22,7 @@ import compatzoo
 from compatzoo.errors import DatasetError, DimensionMismatchError, InvalidFeaturesError, SpecError
 from compatzoo.jobs import (JobStateError, bundle_step, embed_images, order_gallery,
                             read_manifest, upgrade_gallery)
-from compatzoo.jobs.stores import file_sha256
+from compatzoo.engine.checkpoints import file_sha256
 from compatzoo.plugin import StoredGallery
 
 HERE = Path(__file__).resolve().parent

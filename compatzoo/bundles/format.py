@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compatzoo.data.preprocess import Preprocess
-from compatzoo.engine.checkpoints import atomic_write, load_prefixed
+from compatzoo.engine.checkpoints import atomic_write, file_sha256, load_prefixed
 from compatzoo.errors import CheckpointError
 
 SCHEMA_VERSION = 1
@@ -108,13 +108,6 @@ class BundleConfig(_Record):
 
 
 # --------------------------------------------------------------------------- hashing
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict: every tensor's name, dtype, shape and bytes, by name."""

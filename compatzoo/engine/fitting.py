@@ -33,9 +33,9 @@ class Recipe(BaseModel):
     epochs: int = Field(10, ge=1, description="passes over the training items")
     batch_size: int = Field(128, ge=1, description="items per step (all items when fewer)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimiser")
-    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov when > 0)")
-    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False, description="weight decay")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after the warm-up: cosine decay to zero, or constant")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length in epochs")
@@ -83,9 +83,35 @@ class StepLog:
 BatchLoss = Callable[[torch.Tensor, torch.Generator], "torch.Tensor | LossOutput"]
 
 
+@dataclass
+class FitState:
+    """Everything a fit needs to go on exactly where it stopped: the module's weights,
+    the optimiser, schedule and scaler states, the RNG states and the position in the
+    epoch. ``epoch`` is the epoch in progress (0-based) and ``next_batch`` its next batch;
+    at an epoch end they are the next epoch and 0."""
+
+    epoch: int
+    next_batch: int
+    step: int
+    running: dict[str, float]
+    epoch_lr: float
+    summaries: list[dict[str, float]]
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    schedule: dict
+    scaler: dict
+    generator_at_epoch_start: torch.Tensor
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+    log_offset: int = 0
+    cuda_rng: list[torch.Tensor] | None = None       # where the model trains on CUDA
+
+
 def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: Recipe, *,
                seed: int = 0, progress: bool = True, desc: str = "fit", amp: bool = False,
-               step_log: StepLog | None = None) -> Iterator[dict[str, float]]:
+               step_log: StepLog | None = None, resume: FitState | None = None,
+               save: Callable[[FitState], None] | None = None,
+               save_every: int = 0) -> Iterator[dict[str, float]]:
     """Train ``model``'s trainable parameters on shuffled batches of item indices, yielding
     each epoch's summary (mean loss and parts, learning rate, seconds) as it ends.
 
@@ -93,7 +119,12 @@ def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: 
     :class:`LossOutput` with named parts); the model must already be on the loss's device.
     The last incomplete batch of an epoch is dropped. ``amp`` runs the loss in mixed
     precision with a gradient scaler where CUDA is present (a no-op on the CPU). A
-    non-finite loss stops training with :class:`TrainingDivergedError`.
+    non-finite loss, or a non-finite weight at a checkpoint or an epoch end, stops
+    training with :class:`TrainingDivergedError`.
+
+    ``save`` receives a :class:`FitState` every ``save_every`` steps (0: never mid-epoch)
+    and at each epoch end once the caller took the summary; ``resume`` continues from one,
+    with the same results as a fit never stopped (given the same ``batch_loss``).
     """
     if num_items < 2:
         raise SpecError(f"{desc}: needs at least 2 training items, got {num_items}")
@@ -106,17 +137,48 @@ def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    step, first_epoch, first_batch, summaries = 0, 0, 0, []
+    if resume is not None:
+        model.load_state_dict(resume.model, strict=True)
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.schedule)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
+        torch.set_rng_state(resume.torch_rng)
+        if resume.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume.cuda_rng)
+        step, first_epoch, first_batch = resume.step, resume.epoch, resume.next_batch
+        summaries = list(resume.summaries)
+        if step_log is not None and step_log.path.exists():
+            with open(step_log.path, "r+b") as log:     # drop lines after the checkpoint
+                log.truncate(resume.log_offset)
     log_file = open(step_log.path, "a") if step_log else None
-    step = 0
+
+    def state(epoch: int, next_batch: int, running: dict[str, float], epoch_lr: float,
+              at_epoch_start: torch.Tensor) -> FitState:
+        return FitState(epoch, next_batch, step, dict(running), epoch_lr, list(summaries),
+                        model.state_dict(), optimizer.state_dict(), schedule.state_dict(),
+                        scaler.state_dict(), at_epoch_start, generator.get_state(),
+                        torch.get_rng_state(), log_file.tell() if log_file else 0,
+                        torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+
     try:
-        for epoch in range(recipe.epochs):
+        for epoch in range(first_epoch, recipe.epochs):
             freeze = recipe.freeze_bn_from
             model.train(freeze is None or epoch < freeze * recipe.epochs)
+            resuming = resume is not None and epoch == first_epoch
+            if resuming:
+                generator.set_state(resume.generator_at_epoch_start)
+            at_epoch_start = generator.get_state()
             order = torch.randperm(num_items, generator=generator)
             lr, started = schedule.get_last_lr()[0], time.perf_counter()
             running: dict[str, float] = {}
-            bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{recipe.epochs}",
-                       disable=not progress, leave=False)
+            if resuming and first_batch:                      # mid-epoch
+                generator.set_state(resume.generator)
+                running, lr = dict(resume.running), resume.epoch_lr
+            bar = tqdm(range(first_batch if resuming else 0, steps),
+                       desc=f"{desc} {epoch + 1}/{recipe.epochs}", disable=not progress,
+                       leave=False)
             for batch_no in bar:
                 with torch.autocast(device.type, enabled=use_amp):
                     out = batch_loss(order[batch_no * batch:(batch_no + 1) * batch], generator)
@@ -139,9 +201,17 @@ def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: 
                                                "step": step, "lr": schedule.get_last_lr()[0],
                                                **values}) + "\n")
                     log_file.flush()
-            yield {"epoch": epoch + 1, "steps": steps, "lr": lr,
-                   "seconds": time.perf_counter() - started,
-                   **{key: value / steps for key, value in running.items()}}
+                if save and save_every and step % save_every == 0 and batch_no + 1 < steps:
+                    check_finite_weights(model, desc, epoch + 1, step)
+                    save(state(epoch, batch_no + 1, running, lr, at_epoch_start))
+            check_finite_weights(model, desc, epoch + 1, step)
+            summary = {"epoch": epoch + 1, "steps": steps, "lr": lr,
+                       "seconds": time.perf_counter() - started,
+                       **{key: value / steps for key, value in running.items()}}
+            summaries.append(summary)
+            yield summary
+            if save:      # after the caller has handled the epoch (e.g. saved its weights)
+                save(state(epoch + 1, 0, {}, 0.0, generator.get_state()))
     finally:
         if log_file:
             log_file.close()
@@ -152,6 +222,17 @@ def fit_minibatches(model: nn.Module, num_items: int, batch_loss: BatchLoss, rec
                     **options) -> list[dict[str, float]]:
     """:func:`fit_epochs` run to the end; the per-epoch summaries."""
     return list(fit_epochs(model, num_items, batch_loss, recipe, **options))
+
+
+def check_finite_weights(model: nn.Module, desc: str, epoch: int, step: int) -> None:
+    """Stop before a diverged model is saved or used: name the first non-finite weight or
+    buffer (a BatchNorm running variance overflows while the loss still looks finite)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TrainingDivergedError(
+                f"{desc}: {name} holds {bad} non-finite value(s) after step {step} (epoch "
+                f"{epoch}); training diverged. Lower the learning rate or the loss weights")
 
 
 def check_finite(out: LossOutput, desc: str, epoch: int, step: int) -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compatzoo.engine.checkpoints import save_state
+from compatzoo.engine.checkpoints import save_fit_state, save_state
 from compatzoo.engine.features import extract_features
-from compatzoo.engine.fitting import StepLog, fit_epochs
+from compatzoo.engine.fitting import FitState, StepLog, fit_epochs
 from compatzoo.errors import SpecError, TrainingDivergedError
 from compatzoo.interfaces import (OLD_MODEL_INPUTS, ClassifierHead, Encoder, FeatureCache,
                                   LossInputs, TrainingContext, WeightedLoss)
@@ -119,11 +119,17 @@ def train_model(
     checkpoint_config: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "train",
+    resume: FitState | None = None,
+    fit_state_path: str | Path | None = None,
+    save_every: int = 0,
 ) -> TrainedModel:
     """Train ``encoder`` + ``head`` on ``dataset`` with ``loss``; returns the trained model.
 
     ``old`` is required when a loss declares old inputs. ``checkpoint_dir`` receives the
     weights after every epoch, so a diverging run can name its last good state.
+    ``fit_state_path`` receives the whole training state (:class:`FitState`) at every
+    epoch end and every ``save_every`` steps; ``resume`` continues from such a state with
+    the results of a training never stopped.
     """
     device = resolve_device(cfg.device)
     needs = loss.required_inputs
@@ -164,12 +170,15 @@ def train_model(
 
     model = nn.ModuleDict({"encoder": encoder, "head": head, "loss": loss})
     step_log = StepLog(Path(log_path), cfg.log_every, desc) if log_path else None
-    history: list[dict[str, Any]] = []
-    last_good: str | None = None
+    history: list[dict[str, Any]] = list(resume.summaries) if resume else []
+    last_good: str | None = str(checkpoint_dir) if history and checkpoint_dir else None
+    save = None if fit_state_path is None else (
+        lambda state: save_fit_state(fit_state_path, state))
     try:
         for summary in fit_epochs(model, len(dataset), batch_loss, cfg, seed=seed,
                                   progress=progress, desc=desc, amp=cfg.amp,
-                                  step_log=step_log):
+                                  step_log=step_log, resume=resume, save=save,
+                                  save_every=save_every):
             history.append(summary)
             log.info("%s epoch %d: %s", desc, summary["epoch"],
                      ", ".join(f"{k}={v:.4f}" for k, v in summary.items()

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from compatzoo.errors import CompatzooError, SpecError
-from compatzoo.jobs.stores import file_sha256, write_json
+from compatzoo.engine.checkpoints import file_sha256
+from compatzoo.jobs.stores import write_json
 
 MANIFEST = "compatzoo-job.json"
 SCHEMA_VERSION = 1

@@ -32,12 +32,6 @@ SUFFIXES = ARRAY_SUFFIXES + PARQUET_SUFFIXES + FAISS_SUFFIXES
 FINGERPRINT_KEY = "compatzoo_fingerprint"
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
