@@ -4,7 +4,9 @@ For each gallery size G (d = 512, 1,000 queries by default) it measures:
   - ``evaluate`` (map@100, cmc@1): time, peak memory, achieved GFLOP/s (2*Q*G*d / time)
     against a plain torch matmul of the same shape timed in the same run;
   - a 21-point ``backfill_curve`` against 21 plain evaluations of the mixed galleries
-    (above ``--naive-max`` the 21 evaluations are extrapolated from one, and marked so).
+    (above ``--naive-max`` the 21 evaluations are extrapolated from one, and marked so);
+  - leave-one-out ``evaluate`` (map and map@100, 100 classes) at ``--loo-sizes``: time
+    and peak memory.
 Every (size, task) runs in a fresh subprocess, so its peak resident memory
 (``ru_maxrss``, which sees torch/faiss allocations that tracemalloc does not) is its own;
 data are generated in place so the task's peak, not the data generation's, is measured.
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 METRICS = ("map@100", "cmc@1")
-TASKS = ("matmul", "evaluate", "curve", "naive", "evaluate_map")
+TASKS = ("matmul", "evaluate", "curve", "naive", "evaluate_map", "loo")
 
 
 def _rss_kb() -> int:
@@ -73,6 +75,17 @@ def run_task(task: str, size: int, queries: int, dim: int, points: int, repeat: 
     evaluate(warm, np.arange(64) % 4, warm, np.arange(64) % 4, METRICS)
     rss_base = _rss_kb()
 
+    if task == "loo":  # leave-one-out, FCT's protocol: 100 classes, full-ranking mAP too
+        items, item_labels = _features(rng, size, dim), rng.integers(0, 100, size)
+        before = max(_rss_kb(), _maxrss_kb())
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            metrics = evaluate(items, item_labels, items, item_labels, ["map", "map@100"],
+                               leave_one_out=True)
+            times.append(time.perf_counter() - start)
+        return {"task": task, "size": size, "seconds": min(times), "all_seconds": times,
+                "peak_extra_mb": max(0, _maxrss_kb() - before) / 1024, "metrics": metrics}
     n_classes = max(1, size // 10)
     query = _features(rng, queries, dim)
     gallery = _features(rng, size, dim)
@@ -141,7 +154,7 @@ def bench_size(size: int, args) -> dict:
     result = {"size": size, "queries": args.queries, "dim": args.dim, "points": args.points}
     for task in TASKS:
         if (task == "naive" and size > args.naive_max) or (
-                task == "evaluate_map" and not args.full_ranking):
+                task == "evaluate_map" and not args.full_ranking) or task == "loo":
             continue
         result[task] = _in_subprocess(task, size, args)
         print(f"  G={size:.0e} {task:8s} {result[task]['seconds']:8.3f} s  "
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="OMP_WAIT_POLICY for the workers ('' leaves it unset). On a shared, "
                         "oversubscribed box the OpenMP default makes each of torch's small "
                         "parallel ops wait milliseconds for a descheduled thread")
+    parser.add_argument("--loo-sizes", nargs="*", type=float, default=[1e4, 4e4],
+                        help="leave-one-out peak memory at these sizes (none: skip)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -215,6 +230,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{s['curve_over_evaluate']:.2f}x one evaluate; {args.points} evaluations "
               f"{s['naive_seconds']:.2f} s{' (extrapolated)' if s['naive_extrapolated'] else ''}"
               f" = {s['naive_over_curve']:.1f}x the curve", flush=True)
+    loo = [_in_subprocess("loo", int(n), args) for n in args.loo_sizes]
+    for entry in loo:
+        print(f"leave-one-out N = {entry['size']:,} (100 classes; map, map@100): "
+              f"{entry['seconds']:.2f} s, peak +{entry['peak_extra_mb']:.0f} MB", flush=True)
+    if len(loo) > 1:
+        growth = loo[-1]["peak_extra_mb"] / max(loo[0]["peak_extra_mb"], 1e-9)
+        print(f"  peak memory grows {growth:.2f}x for {loo[-1]['size'] / loo[0]['size']:.0f}x "
+              "the items")
+    results["leave_one_out"] = loo
     results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

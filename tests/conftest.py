@@ -14,6 +14,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Nothing a test measures or caches (the search backend choice) reaches the user's
+    cache, or another test."""
+    monkeypatch.setenv("COMPATZOO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("COMPATZOO_SEARCH_BACKEND", raising=False)
+    from compatzoo.retrieval import calibration
+
+    monkeypatch.setattr(calibration, "_chosen", {})
+
+
+@pytest.fixture(autouse=True)
 def _fresh_registry():
     """Each test sees the installed plugins, not registrations made by another test."""
     from compatzoo.registry import reset_registry

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compatzoo.retrieval.curves import json_safe
-from compatzoo.retrieval.evaluation import rank_tables, summarise
+from compatzoo.retrieval.evaluation import query_values, summarise
 from compatzoo.retrieval.metrics import parse_metric
 from compatzoo.retrieval.search import Plan
 from compatzoo.retrieval.validation import (
@@ -100,9 +100,9 @@ def compatibility_matrix(models: Mapping[str, tuple[ArrayLike, ArrayLike]],
     ql, gl = checked[names[0]][1], checked[names[0]][3]
 
     def score(query_model: str, gallery_model: str) -> float:
-        table = rank_tables(checked[query_model][0], ql, Plan(checked[gallery_model][2]), gl,
-                            [parsed], leave_one_out, backend, chunk_size)[0]
-        return summarise([parsed], table)[parsed.name]
+        values = query_values(checked[query_model][0], ql, Plan(checked[gallery_model][2]),
+                              gl, [parsed], leave_one_out, backend, chunk_size)[0]
+        return summarise([parsed], values)[parsed.name]
 
     values = [[score(qn, gn) for gn in names] for qn in names]
     return CompatibilityMatrix(names, values, parsed.name)

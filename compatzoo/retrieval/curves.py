@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from compatzoo.errors import DimensionMismatchError
-from compatzoo.retrieval.evaluation import rank_tables, summarise
-from compatzoo.retrieval.metrics import Metric, parse_metrics
-from compatzoo.retrieval.ranking import RankTable
+from compatzoo.retrieval.evaluation import query_values, summarise
+from compatzoo.retrieval.metrics import parse_metrics
 from compatzoo.retrieval.search import Plan
 from compatzoo.retrieval.validation import (
     ArrayLike, InvalidArgumentError, as_features, check_order, check_same_dim, check_same_shape,
@@ -90,11 +89,6 @@ class BackfillCurve:
         return path
 
 
-def _correct_at(table: RankTable, k: int) -> torch.Tensor:
-    """Per query: a positive within the top ``k``."""
-    return Metric(f"cmc@{k}", "cmc", k).per_query(table.ranks, table.n_pos) == 1
-
-
 def _check_curve_args(points: int, nfr_k: Sequence[int]) -> list[int]:
     if not isinstance(points, int) or points < 2:
         raise InvalidArgumentError(f"points must be an integer >= 2 (0% and 100%), got {points!r}")
@@ -151,16 +145,16 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     fractions = np.linspace(0.0, 1.0, points).tolist()
     cuts = tuple(round(f * old.n) for f in fractions)
     plan = Plan(old, new, permutation, cuts)
-    tables = rank_tables(q, ql, plan, gl, parsed, leave_one_out, backend, chunk_size,
-                         extra_k=ks if reference is not None else ())
-    per_point = [summarise(parsed, table) for table in tables]
+    states = query_values(q, ql, plan, gl, parsed, leave_one_out, backend, chunk_size,
+                          extra_k=ks if reference is not None else ())
+    per_point = [summarise(parsed, values) for values in states]
     values = {m.name: [point[m.name] for point in per_point] for m in parsed}
     curve = BackfillCurve(fractions, values, auc={n: float(np.mean(v)) for n, v in values.items()})
     if reference is not None:
-        before = rank_tables(reference, ql, reference_plan, gl, [], leave_one_out, backend,
-                             chunk_size, extra_k=ks)[0]
+        before = query_values(reference, ql, reference_plan, gl, [], leave_one_out, backend,
+                              chunk_size, extra_k=ks)[0]
         for k in ks:
-            right = _correct_at(before, k)
-            curve.nfr[k] = [float((right & ~_correct_at(t, k)).sum() / right.sum())
-                            if right.any() else math.nan for t in tables]
+            right = before[f"correct@{k}"]
+            curve.nfr[k] = [float((right & ~values[f"correct@{k}"]).sum() / right.sum())
+                            if right.any() else math.nan for values in states]
     return curve

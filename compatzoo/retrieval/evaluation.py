@@ -10,7 +10,7 @@ import torch
 
 from compatzoo.errors import DatasetError
 from compatzoo.retrieval.metrics import Metric, parse_metrics
-from compatzoo.retrieval.ranking import RankTable, count_positives, positive_ranks
+from compatzoo.retrieval.ranking import count_positives, positive_ranks
 from compatzoo.retrieval.search import Plan, check_backend
 from compatzoo.retrieval.validation import (
     ArrayLike, Features, check_chunk_size, validate_retrieval,
@@ -40,24 +40,42 @@ def require_positives(n_pos: torch.Tensor) -> None:
                     "every metric", missing, len(n_pos))
 
 
-def summarise(metrics: Sequence[Metric], table: RankTable) -> dict[str, float]:
+QueryValues = dict[str, torch.Tensor]
+"""Per query of one gallery state: each metric's value (float64, NaN for a query without
+a positive), keyed by the metric's name, and ``correct@k`` (bool) for each extra k."""
+
+
+def summarise(metrics: Sequence[Metric], values: QueryValues) -> dict[str, float]:
     """Mean of each metric over the queries that have at least one positive."""
-    return {m.name: float(torch.nanmean(m.per_query(table.ranks, table.n_pos)))
-            for m in metrics}
+    return {m.name: float(torch.nanmean(values[m.name])) for m in metrics}
 
 
-def rank_tables(query: Features, query_labels: np.ndarray, plan: Plan,
-                gallery_labels: np.ndarray, metrics: Sequence[Metric], leave_one_out: bool,
-                backend: str, chunk_size: int | None, extra_k: Iterable[int] = (),
-                ) -> list[RankTable]:
-    """Check the search arguments, then rank the positives deep enough for ``metrics``."""
+def query_values(query: Features, query_labels: np.ndarray, plan: Plan,
+                 gallery_labels: np.ndarray, metrics: Sequence[Metric], leave_one_out: bool,
+                 backend: str, chunk_size: int | None, extra_k: Iterable[int] = (),
+                 ) -> list[QueryValues]:
+    """Check the search arguments, rank the positives deep enough for ``metrics`` and
+    reduce each query block's ranks to per-query values at once, so memory grows with
+    the number of queries, not with queries x positives. One :data:`QueryValues` per
+    state of ``plan``; ``extra_k`` adds ``correct@k`` (a positive in the top k)."""
     check_chunk_size(chunk_size)
     check_backend(backend)
+    extra_k = list(extra_k)
     n_pos = count_positives(query_labels, gallery_labels, leave_one_out)
     require_positives(n_pos)
     depth = search_depth(metrics, n_pos, plan.size - int(leave_one_out), extra_k)
-    return positive_ranks(query, query_labels, plan, gallery_labels, n_pos, depth, backend,
-                          chunk_size, leave_one_out)
+    parts: list[dict[str, list[torch.Tensor]]] = [
+        {name: [] for name in [*(m.name for m in metrics), *(f"correct@{k}" for k in extra_k)]}
+        for _ in plan.cuts]
+    for _, tables in positive_ranks(query, query_labels, plan, gallery_labels, n_pos, depth,
+                                    backend, chunk_size, leave_one_out):
+        for state, table in zip(parts, tables):
+            for metric in metrics:
+                state[metric.name].append(metric.per_query(table.ranks, table.n_pos))
+            for k in extra_k:
+                hit = Metric(f"cmc@{k}", "cmc", k).per_query(table.ranks, table.n_pos) == 1
+                state[f"correct@{k}"].append(hit)
+    return [{name: torch.cat(values) for name, values in state.items()} for state in parts]
 
 
 def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
@@ -76,8 +94,8 @@ def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
     parsed = parse_metrics(metrics)
     q, ql, g, gl = validate_retrieval(query, query_labels, gallery, gallery_labels,
                                       leave_one_out)
-    table = rank_tables(q, ql, Plan(g), gl, parsed, leave_one_out, backend, chunk_size)[0]
-    return summarise(parsed, table)
+    values = query_values(q, ql, Plan(g), gl, parsed, leave_one_out, backend, chunk_size)[0]
+    return summarise(parsed, values)
 
 
 def top_k(query: ArrayLike, gallery: ArrayLike, k: int = 10,

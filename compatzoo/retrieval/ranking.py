@@ -10,7 +10,7 @@ ranking of :mod:`compatzoo.retrieval.search` (score descending, then gallery ind
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,17 +161,6 @@ def _hits_to_table(hits: torch.Tensor) -> torch.Tensor:
     return torch.sort(ranks, dim=-1).values[..., :width]
 
 
-def _stack(tables: list[torch.Tensor]) -> torch.Tensor:
-    """Rank tables of consecutive query blocks as one table, padded with UNRANKED."""
-    stacked = torch.full((sum(len(t) for t in tables), max(t.shape[1] for t in tables)),
-                         UNRANKED, dtype=torch.int64)
-    start = 0
-    for table in tables:
-        stacked[start:start + len(table), :table.shape[1]] = table
-        start += len(table)
-    return stacked
-
-
 def _same_label(labels: torch.Tensor, query_labels: torch.Tensor,
                 itself: torch.Tensor | None) -> ProbeMask:
     """Probe mask of the positives: same label, and not the query itself (by index)."""
@@ -184,19 +173,23 @@ def _same_label(labels: torch.Tensor, query_labels: torch.Tensor,
 def positive_ranks(query: Features, query_labels: np.ndarray, plan: Plan,
                    gallery_labels: np.ndarray, n_pos: torch.Tensor, depth: int,
                    backend: str = "auto", chunk_size: int | None = None,
-                   leave_one_out: bool = False) -> list[RankTable]:
-    """Rank tables of the positives (same label, self excluded) for every state of ``plan``.
+                   leave_one_out: bool = False) -> Iterator[tuple[slice, list[RankTable]]]:
+    """Rank tables of the positives (same label, self excluded) for every state of
+    ``plan``, one query block at a time: ``(block, [table per state])``. A caller that
+    reduces each block (to per-query values) keeps memory linear in the number of
+    queries, however many positives each has.
 
     Ranks are exact up to ``depth``; deeper positives are UNRANKED unless the depth
     needed counting (then all are ranked, always with torch). ``n_pos`` is
     :func:`count_positives` of the labels.
     """
     full = depth > MAX_TOPK_DEPTH
-    engine = TorchBackend() if full else resolve_backend(backend, depth)
+    blocks = query_blocks(query.n)
+    engine = TorchBackend() if full else resolve_backend(
+        backend, depth, blocks[0].stop - blocks[0].start, plan.size, query.dim, chunk_size)
     device = engine.device
     labels = torch.from_numpy(gallery_labels).to(device)
-    tables: list[list[torch.Tensor]] = [[] for _ in plan.cuts]
-    for block in query_blocks(query.n):
+    for block in blocks:
         q = normalised(query, block, device)
         q_labels = torch.from_numpy(query_labels[block]).to(device)
         itself = torch.arange(block.start, block.stop, device=device) if leave_one_out else None
@@ -205,11 +198,9 @@ def positive_ranks(query: Features, query_labels: np.ndarray, plan: Plan,
         if full:
             is_probe = _same_label(labels, q_labels, itself)
             pair_rows, _, ranks = count_ranks(plan, q, is_probe, rows, position)
-            block_tables = [_pairs_to_table(pair_rows.cpu(), r, len(q)) for r in ranks.cpu()]
+            tables = [_pairs_to_table(pair_rows.cpu(), r, len(q)) for r in ranks.cpu()]
         else:
             keys = torch.stack(topk_states(plan, q, depth, engine, rows, position))
             hits = (labels[decode_index(keys)] == q_labels[:, None]).cpu()
-            block_tables = list(_hits_to_table(hits))
-        for state, table in zip(tables, block_tables):
-            state.append(table)
-    return [RankTable(_stack(state), n_pos) for state in tables]
+            tables = list(_hits_to_table(hits))
+        yield block, [RankTable(table, n_pos[block]) for table in tables]

@@ -261,12 +261,16 @@ def check_backend(backend: str) -> None:
         )
 
 
-def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
-    """Pick the search backend for a top-``k`` search.
+def resolve_backend(backend: str, k: int, query_rows: int = 0, gallery_rows: int = 0,
+                    dim: int = 0, chunk_rows: int | None = None) -> TorchBackend | FaissBackend:
+    """Pick the search backend for a top-``k`` search of ``query_rows`` queries (a block)
+    against ``gallery_rows`` items of width ``dim``.
 
-    ``auto``: faiss GPU when faiss has GPU support and a GPU is visible (and k < 2047),
-    else torch (on this project's CPU boxes torch matmul + topk measured about 3x faster
-    than faiss-cpu's flat search). ``faiss``: faiss GPU or CPU. ``torch``: torch.
+    ``auto``: faiss GPU when faiss has GPU support and a GPU is visible (and k < 2047);
+    torch on a visible CUDA device otherwise; on the CPU, whichever of torch and
+    faiss-cpu measured faster for these shapes on this machine
+    (:mod:`compatzoo.retrieval.calibration`). ``faiss``: faiss GPU or CPU. ``torch``:
+    torch. Every backend gives the same ranking.
     """
     check_backend(backend)
     if backend == "torch":
@@ -274,7 +278,15 @@ def resolve_backend(backend: str, k: int) -> TorchBackend | FaissBackend:
     faiss = _faiss()
     if _faiss_gpu_ok(faiss) and k + 2 <= FAISS_GPU_MAX_K:  # asks for k + 1 (+1 for itself)
         return FaissBackend(faiss, gpu=True)
-    return FaissBackend(faiss, gpu=False) if backend == "faiss" else TorchBackend()
+    if backend == "faiss":
+        return FaissBackend(faiss, gpu=False)
+    if faiss is None or torch.cuda.is_available() or not (query_rows and gallery_rows and dim):
+        return TorchBackend()
+    from compatzoo.retrieval.calibration import fastest_cpu_backend
+
+    rows = chunk_rows or auto_chunk_rows(query_rows, dim)
+    choice = fastest_cpu_backend(query_rows, gallery_rows, rows, dim, k + 1)
+    return FaissBackend(faiss, gpu=False) if choice == "faiss" else TorchBackend()
 
 
 # --- top-k -------------------------------------------------------------------------------
@@ -364,10 +376,12 @@ def search(query: Features, gallery: Features, k: int, backend: str = "auto",
            chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (scores, gallery indices) per query, ties broken by gallery index."""
     k = min(k, gallery.n)
-    engine = resolve_backend(backend, k)
+    blocks = query_blocks(query.n)
+    first = blocks[0].stop - blocks[0].start
+    engine = resolve_backend(backend, k, first, gallery.n, gallery.dim, chunk_size)
     plan = Plan(gallery)
     keys = []
-    for block in query_blocks(query.n):
+    for block in blocks:
         rows = chunk_size or auto_chunk_rows(block.stop - block.start, gallery.dim)
         q = normalised(query, block, engine.device)
         keys.append(topk_states(plan, q, k, engine, rows)[0].cpu())
