@@ -6,7 +6,10 @@ For each gallery size G (d = 512, 1,000 queries by default) it measures:
   - a 21-point ``backfill_curve`` against 21 plain evaluations of the mixed galleries
     (above ``--naive-max`` the 21 evaluations are extrapolated from one, and marked so);
   - leave-one-out ``evaluate`` (map and map@100, 100 classes) at ``--loo-sizes``: time
-    and peak memory.
+    and peak memory;
+  - faiss ``IndexFlatIP.search`` against ``top_k`` with each backend (torch, faiss, auto)
+    and ``evaluate`` against the search, at ``--backends-gallery``
+    (``bench_search_backends.py``, run from here).
 Every (size, task) runs in a fresh subprocess, so its peak resident memory
 (``ru_maxrss``, which sees torch/faiss allocations that tracemalloc does not) is its own;
 data are generated in place so the task's peak, not the data generation's, is measured.
@@ -149,6 +152,28 @@ def _in_subprocess(task: str, size: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _search_backends(args) -> dict:
+    """faiss IndexFlatIP against compatzoo's top_k per backend and evaluate, in one
+    process (``bench_search_backends.py``)."""
+    import tempfile
+
+    script = Path(__file__).with_name("bench_search_backends.py")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "search.json"
+        done = subprocess.run([sys.executable, str(script), "--gallery",
+                               str(int(args.backends_gallery)), "--queries", str(args.queries),
+                               "--dim", str(args.dim), "--repeat", str(args.repeat),
+                               "--out", str(out)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"search backend comparison failed:\n{done.stderr}")
+        figures = json.loads(out.read_text())
+    print(f"search G = {figures['gallery']:,}: " + ", ".join(
+        f"{name} {seconds:.2f} s" for name, seconds in figures["seconds"].items())
+        + f"; auto chose {figures['auto_choice']}; evaluate = "
+        f"{figures['evaluate_over_auto_search']:.2f}x the auto search", flush=True)
+    return figures
+
+
 def bench_size(size: int, args) -> dict:
     flops = 2 * args.queries * size * args.dim
     result = {"size": size, "queries": args.queries, "dim": args.dim, "points": args.points}
@@ -198,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                         "parallel ops wait milliseconds for a descheduled thread")
     parser.add_argument("--loo-sizes", nargs="*", type=float, default=[1e4, 4e4],
                         help="leave-one-out peak memory at these sizes (none: skip)")
+    parser.add_argument("--backends-gallery", type=float, default=2e5,
+                        help="gallery size of the search backend comparison (0: skip)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -239,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  peak memory grows {growth:.2f}x for {loo[-1]['size'] / loo[0]['size']:.0f}x "
               "the items")
     results["leave_one_out"] = loo
+    if args.backends_gallery:
+        results["search_backends"] = _search_backends(args)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
