@@ -16,7 +16,8 @@ from compatzoo.errors import DimensionMismatchError, SpecError
 from compatzoo.interfaces import FeatureCache, LossInputs, TrainingContext
 from compatzoo.registry import get_registry
 from compatzoo_bct import (BCTLoss, BCTParams, CosineLoss, FocalDistillationLoss,
-                           FocalDistillationParams, L2Loss, LwFLoss, LwFParams, SupConLoss)
+                           FocalDistillationParams, L2Loss, L2Params, LwFLoss, LwFParams,
+                           SupConLoss)
 from losses_support import (CosMarginHead, LinearSoftmaxHead, assert_untouched, randn,
                             snapshot)
 
@@ -216,6 +217,19 @@ def test_l2_and_cosine_regression_with_the_dim_rule():
         assert old.grad is None and new.grad[:, :min(4, new.shape[1])].abs().sum() > 0
 
 
+def test_l2_reference_code_conventions():
+    """'mean' is nn.MSELoss (openBCT); with 'normalize' it is OpenCompatible's 'l2'."""
+    old, new = randn(5, 4, seed=4), randn(5, 4, seed=5)
+    inputs = batch(new, [0, 1, 2, 3, 4], old_features=old)
+    mean = L2Loss(L2Params(reduction="mean"))(inputs).total
+    torch.testing.assert_close(mean, torch.nn.MSELoss()(new, old))
+    both = L2Loss(L2Params(reduction="mean", normalize=True))(inputs).total
+    torch.testing.assert_close(both, torch.nn.MSELoss()(F.normalize(new, dim=1),
+                                                        F.normalize(old, dim=1)))
+    summed = L2Loss(L2Params(normalize=True))(inputs).total
+    torch.testing.assert_close(summed, 4 * both)
+
+
 # ----------------------------------------------------------------- distillation baselines
 def test_lwf_soft_labels_on_old_classes():
     head = CosMarginHead(4, 3, scale=4.0)
@@ -231,6 +245,20 @@ def test_lwf_soft_labels_on_old_classes():
     out.total.backward()
     assert new.grad[1].abs().sum() == 0 and new.grad[0].abs().sum() > 0
     assert_untouched(head, before)
+
+
+def test_lwf_on_all_samples_as_the_reference_code_does():
+    head = CosMarginHead(4, 3, scale=4.0)
+    loss = LwFLoss(LwFParams(temperature=1.0, samples="all"))
+    loss.prepare(context(head, 5))
+    labels = [0, 4, 2]
+    new, old = randn(3, 4, seed=1, grad=True), randn(3, 4, seed=2)
+    out = loss(batch(new, labels, old_head=head, old_features=old))
+    expected = torch.stack([kl(cos_logits(old[i], head.weight, 4.0),
+                               cos_logits(new[i], head.weight, 4.0), 1.0) for i in range(3)])
+    assert torch.allclose(out.total, expected.mean(), atol=1e-6)
+    out.total.backward()
+    assert new.grad[1].abs().sum() > 0          # the sample of an unknown class too
 
 
 def test_old_features_of_the_wrong_dim_are_rejected():

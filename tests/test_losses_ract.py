@@ -177,6 +177,50 @@ def test_triplet_averages_over_anchors_that_have_negatives():
     assert alone.item() == 0.0
 
 
+def opencompatible_triplet(new, old, labels, k, margin=0.8, new_to_new=False) -> torch.Tensor:
+    """OpenCompatible's triplet forms written out: Euclidean distances of normalised
+    features, same-class entries pushed out by +1e9, the k closest kept, and
+    MarginRankingLoss(negative, positive, 1) averaged over every (anchor, kept) pair."""
+    n, o = F.normalize(new.detach(), dim=1), F.normalize(old.detach(), dim=1)
+    labels = torch.as_tensor(labels)
+    masks = (labels[:, None] == labels[None, :]).float()
+    criterion = torch.nn.MarginRankingLoss(margin=margin)
+
+    def term(keys):
+        distances = torch.cdist(n, keys)
+        negatives = torch.topk(distances + masks * 1e9, k, dim=1, largest=False)[0]
+        positive = torch.cdist(n, o).diagonal()[:, None].expand_as(negatives)
+        return criterion(negatives.reshape(-1), positive.reshape(-1),
+                         torch.ones(negatives.numel()))
+
+    return term(o) + (term(n) if new_to_new else 0.0)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_topk_triplet_mining_matches_opencompatible(k):
+    """Every anchor of this batch has at least one negative, so averaging over anchors
+    with negatives (compatzoo) and over all anchors (OpenCompatible) agree; with k = 5
+    some anchors have fewer than k negatives, which count as zero hinges out of k."""
+    labels = [0, 1, 0, 2, 1, 3, 0]
+    new, old = randn(7, 4, seed=11, grad=True), randn(7, 4, seed=12)
+    params = TripletParams(mining="topk", topk_negatives=k, margin=0.8)
+    vanilla = TripletLoss(params)(batch(new, old, labels)).total
+    torch.testing.assert_close(vanilla, opencompatible_triplet(new, old, labels, k),
+                               rtol=1e-5, atol=1e-6)
+    ra = RACTTripletLoss(params)(batch(new, old, labels)).total
+    torch.testing.assert_close(ra, opencompatible_triplet(new, old, labels, k, new_to_new=True),
+                               rtol=1e-5, atol=1e-6)
+    ra.backward()
+    assert new.grad.abs().sum() > 0
+
+
+def test_topk_mining_with_k_one_is_the_hardest_negative():
+    labels = [0, 1, 0, 2, 1, 3, 0]
+    new, old = randn(7, 4, seed=13), randn(7, 4, seed=14)
+    one = TripletLoss(TripletParams(mining="topk", topk_negatives=1))(batch(new, old, labels))
+    assert one.total.item() == pytest.approx(triplet_reference(new, old, labels), rel=1e-5)
+
+
 # ----------------------------------------------------------------- registration
 @pytest.mark.parametrize("name, params, cls", [
     ("ract", {"topk_negatives": 10, "temperature": 0.01}, RACTLoss),

@@ -16,15 +16,20 @@ from compatzoo_bct.common import OldHeadLoss, expect_dim, frozen_logits, soft_kl
 class LwFParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft "
-                               "labels (Li & Hoiem 2017 use 2); divides the head's logits, "
-                               "which already include its scale")
+                               "labels (Li & Hoiem 2017 use 2; openBCT 1, OpenCompatible "
+                               "0.01); divides the head's logits, which already include its "
+                               "scale")
+    samples: Literal["old_classes", "all"] = Field(
+        "old_classes", description="which samples are distilled: those of classes the old "
+        "head knows (BCT's baseline), or every sample (openBCT and OpenCompatible)")
 
 
 class LwFLoss(OldHeadLoss):
     """Learning without Forgetting as BCT's baseline: soft labels of the old model.
 
     ``KL(softmax(w_old(phi_old(x)) / T) || softmax(w_old(phi_new(x)[:d_old]) / T))`` on
-    samples of classes the old head knows, without margin, averaged over those samples.
+    samples of classes the old head knows (or all samples), without margin, averaged over
+    those samples.
     """
 
     Params = LwFParams
@@ -33,7 +38,8 @@ class LwFLoss(OldHeadLoss):
     def forward(self, inputs: LossInputs) -> LossOutput:
         head = inputs.old_head
         expect_dim(inputs.old_features, head.embedding_dim, "old_features")
-        known = self.known_mask(inputs.labels)
+        known = (torch.ones_like(inputs.labels, dtype=torch.bool)
+                 if self.params.samples == "all" else self.known_mask(inputs.labels))
         if not bool(known.any()):
             return LossOutput(inputs.new_features.sum() * 0.0)
         old = inputs.old_features[known]

@@ -124,15 +124,33 @@ def _class_row_parameters(head: nn.Module) -> tuple[str, str | None]:
     return weights[0], biases[0] if biases else None
 
 
-class L2Loss(CompatLoss):
-    """``||phi_new(x)[:d_old] - phi_old(x)||^2``, BCT's L2 regression baseline (sec. 3)."""
+class L2Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reduction: Literal["sum", "mean"] = Field(
+        "sum", description="over the feature dimensions: 'sum' is the squared distance of "
+        "the paper; 'mean' divides it by d_old, as openBCT's and OpenCompatible's "
+        "nn.MSELoss do")
+    normalize: bool = Field(
+        False, description="L2-normalise both features first (OpenCompatible's 'l2'); the "
+        "paper regresses the raw features")
 
+
+class L2Loss(CompatLoss):
+    """``||phi_new(x)[:d_old] - phi_old(x)||^2``, BCT's L2 regression baseline (sec. 3),
+    averaged over the batch."""
+
+    Params = L2Params
     requires = frozenset({"old_features"})
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         old = inputs.old_features.detach()
         new = match_dim(inputs.new_features, old.shape[1])
-        return LossOutput(((new - old) ** 2).sum(dim=1).mean())
+        if self.params.normalize:
+            new, old = F.normalize(new, dim=1), F.normalize(old, dim=1)
+        squared = ((new - old) ** 2).sum(dim=1)
+        if self.params.reduction == "mean":
+            squared = squared / old.shape[1]
+        return LossOutput(squared.mean())
 
 
 class CosineLoss(CompatLoss):

@@ -118,9 +118,12 @@ class RACTLoss(ContrastiveLoss):
 class TripletParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     margin: float = Field(0.8, ge=0, description="margin m (paper appendix: 0.8)")
-    mining: Literal["hardest", "all"] = Field(
+    mining: Literal["hardest", "all", "topk"] = Field(
         "hardest", description="'hardest': the closest negative of each kind per anchor; "
-        "'all': the average over all negatives, as eqs. 14-15 are written")
+        "'all': the average over all negatives, as eqs. 14-15 are written; 'topk': the "
+        "average hinge over the topk_negatives closest (OpenCompatible: k = 10, dividing "
+        "by k even when an anchor has fewer negatives)")
+    topk_negatives: int = Field(10, ge=1, description="k of mining 'topk'")
     gather: bool = _GATHER
 
 
@@ -147,6 +150,11 @@ class TripletLoss(CompatLoss):
         if self.params.mining == "hardest":
             closest = distance.masked_fill(~negative, float("inf")).min(dim=1).values
             return F.relu(positive - closest + margin)
+        if self.params.mining == "topk":
+            k = self.params.topk_negatives
+            closest = distance.masked_fill(~negative, float("inf"))
+            closest = closest.topk(min(k, closest.shape[1]), dim=1, largest=False).values
+            return F.relu(positive[:, None] - closest + margin).sum(dim=1) / k
         hinges = F.relu(positive[:, None] - distance + margin) * negative
         return hinges.sum(dim=1) / negative.sum(dim=1).clamp_min(1)
 
