@@ -193,6 +193,24 @@ def test_bct_distill_kl_at_head_temperature_for_new_classes():
     assert old.grad is None and new.grad[[1, 3]].abs().sum() > 0
 
 
+def test_bct_old_head_as_a_plain_linear_layer_like_the_reference_code():
+    """OpenCompatible / AdvBCT: CE(W_old x, y) without the head's normalisation, margin
+    or scale, on the samples of old classes."""
+    head = CosMarginHead(4, 3, scale=4.0, margin=0.35)
+    loss = BCTLoss(BCTParams(old_head="linear"))
+    loss.prepare(context(head, 5))
+    labels = [0, 4, 2, 1]
+    new = randn(4, 6, seed=3, grad=True)
+    out = loss(batch(new, labels, old_head=head))
+    logits = [head.weight.detach() @ new[i, :4] for i in (0, 2, 3)]
+    expected = torch.stack([F.cross_entropy(logit[None], torch.tensor([labels[i]]))
+                            for logit, i in zip(logits, (0, 2, 3))]).mean()
+    torch.testing.assert_close(out.total, expected)
+    own = BCTLoss()
+    own.prepare(context(head, 5))
+    assert not torch.allclose(own(batch(new, labels, old_head=head)).total, expected)
+
+
 def test_bct_required_inputs_default_and_registry_params():
     assert BCTLoss().required_inputs == {"old_head"}
     record = get_registry().get("loss", "bct")

@@ -221,6 +221,21 @@ def test_topk_mining_with_k_one_is_the_hardest_negative():
     assert one.total.item() == pytest.approx(triplet_reference(new, old, labels), rel=1e-5)
 
 
+@pytest.mark.parametrize("cls, params", [(RACTLoss, RACTParams), (ContrastiveLoss, ContrastiveParams),
+                                         (RACTTripletLoss, TripletParams)])
+def test_same_view_reads_the_old_features_of_the_new_models_view(cls, params):
+    """``view: same`` (OpenCompatible) declares old_features instead of a second view and
+    computes the same formula on them."""
+    assert cls.inputs(params()) == {"old_features_view2"}
+    assert cls.inputs(params(view="same")) == {"old_features"}
+    new, old = randn(7, 4, seed=15), randn(7, 4, seed=16)
+    labels = torch.as_tensor(LABELS)
+    same = cls(params(view="same"))(LossInputs(
+        new_features=new, labels=labels, indices=torch.arange(7), old_features=old)).total
+    independent = cls(params())(batch(new, old)).total
+    assert torch.equal(same, independent)
+
+
 # ----------------------------------------------------------------- registration
 @pytest.mark.parametrize("name, params, cls", [
     ("ract", {"topk_negatives": 10, "temperature": 0.01}, RACTLoss),

@@ -23,6 +23,10 @@ class BCTParams(BaseModel):
         "T_old only), 'synthesized' (old-feature class means appended as old-classifier "
         "rows), 'distill' (KL between old-head outputs of old and new features at T = the "
         "head's scale); BCT sec. 2.5")
+    old_head: Literal["own_form", "linear"] = Field(
+        "own_form", description="how the frozen old classifier scores new features: in its "
+        "own form (margin and scale of a CosFace/ArcFace head; the paper), or as a plain "
+        "linear layer W x + b of its class weights, as OpenCompatible and AdvBCT apply it")
 
 
 class BCTLoss(OldHeadLoss):
@@ -51,8 +55,20 @@ class BCTLoss(OldHeadLoss):
 
     def prepare(self, context: TrainingContext) -> None:
         super().prepare(context)
+        if self.params.old_head == "linear":
+            self._row_names = _class_row_parameters(context.old_head, "old_head='linear'")
         if self.params.new_classes == "synthesized":
             self._synthesize(context)
+
+    def _logits(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor | None,
+                rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The frozen old head's logits of ``features`` (``rows`` replace class rows)."""
+        if self.params.old_head == "own_form":
+            return frozen_logits(head, features, labels, rows)
+        weight_name, bias_name = self._row_names
+        params = {name: p.detach() for name, p in head.named_parameters()} | (rows or {})
+        return F.linear(features, params[weight_name],
+                        None if bias_name is None else params[bias_name])
 
     def _synthesize(self, context: TrainingContext) -> None:
         """Old classifier rows for the classes it lacks: their mean ``phi_old`` feature.
@@ -65,7 +81,7 @@ class BCTLoss(OldHeadLoss):
             raise SpecError("bct with new_classes='synthesized' needs the old-feature cache "
                             "(phi_old of the new training set)")
         expect_dim(cache.features, head.embedding_dim, "the old-feature cache")
-        weight_name, bias_name = _class_row_parameters(head)
+        weight_name, bias_name = _class_row_parameters(head, "new_classes='synthesized'")
         params = dict(head.named_parameters())
         rows = self.known.numel()
         labels = cache.labels.long().cpu()
@@ -94,33 +110,34 @@ class BCTLoss(OldHeadLoss):
             rows = {weight_name: self.synth_weight}
             if bias_name is not None:
                 rows[bias_name] = self.synth_bias
-            logits = frozen_logits(head, features, labels, rows)
+            logits = self._logits(head, features, labels, rows)
             return LossOutput(F.cross_entropy(logits, labels), parts)
-        per_sample = [F.cross_entropy(frozen_logits(head, features[known], labels[known]),
+        per_sample = [F.cross_entropy(self._logits(head, features[known], labels[known]),
                                       labels[known], reduction="none")]
         if self.params.new_classes == "distill":
             new_class = ~known
             old = inputs.old_features[new_class]
             expect_dim(old, head.embedding_dim, "old_features")
-            per_sample.append(soft_kl(frozen_logits(head, old),
-                                      frozen_logits(head, features[new_class]),
+            per_sample.append(soft_kl(self._logits(head, old, None),
+                                      self._logits(head, features[new_class], None),
                                       head.temperature))
         losses = torch.cat(per_sample)
         total = losses.mean() if losses.numel() else features.sum() * 0.0
         return LossOutput(total, parts)
 
 
-def _class_row_parameters(head: nn.Module) -> tuple[str, str | None]:
+def _class_row_parameters(head: nn.Module, why: str) -> tuple[str, str | None]:
     """Names of the head's class-weight matrix ``(C, d)`` and class bias ``(C,)`` if any."""
     shape, rows = (head.num_classes, head.embedding_dim), (head.num_classes,)
     weights = [n for n, p in head.named_parameters() if tuple(p.shape) == shape]
     biases = [n for n, p in head.named_parameters() if tuple(p.shape) == rows]
     if len(weights) != 1 or len(biases) > 1:
         raise SpecError(
-            "bct with new_classes='synthesized' needs an old head whose class weights are one "
-            f"parameter of shape {shape} (and at most one bias of shape {rows}); "
+            f"bct with {why} needs an old head whose class weights are one parameter of "
+            f"shape {shape} (and at most one bias of shape {rows}); "
             f"{type(head).__name__} has {[n for n, _ in head.named_parameters()]}. "
-            "Use new_classes='distill' or 'ignore' with this head")
+            "Use the paper's settings (new_classes 'distill' or 'ignore', old_head "
+            "'own_form') with this head")
     return weights[0], biases[0] if biases else None
 
 

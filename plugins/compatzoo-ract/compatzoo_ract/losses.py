@@ -2,7 +2,8 @@
 triplet eqs. 14, 15.
 
 Anchors are the new features of the batch, positives the old features of the same images
-in an independent second view (the paper's two augmentations), negatives the old (and,
+in an independent second view (the paper's two augmentations; ``view: same`` uses the new
+model's view, as OpenCompatible does), negatives the old (and,
 for the regression-alleviating forms, new) features of batch samples of *other* classes:
 pairs of the same class, the anchor itself included, are never negatives. New features
 enter as their first ``d_old`` elements (zero-padded when shorter), then everything is
@@ -22,19 +23,28 @@ from compatzoo.plugin import CompatLoss, LossInputs, LossOutput, all_gather_with
 
 _GATHER = Field(True, description="take negatives from the batches of all processes when "
                 "torch.distributed is initialised (the reference code does)")
+_VIEW = Field("independent", description="the old features' view: a second, independent "
+              "augmentation of the images (the paper), or the same view as the new model's "
+              "(OpenCompatible)")
+View = Literal["independent", "same"]
+
+
+def _old_input(params) -> frozenset[str]:
+    return frozenset({"old_features_view2" if params.view == "independent" else "old_features"})
 
 
 @dataclass
 class _Batch:
     new: torch.Tensor       # (B, d) anchors phi_new(x), normalised
-    old: torch.Tensor       # (B, d) positives phi_old(x) of the second view, normalised
+    old: torch.Tensor       # (B, d) positives phi_old(x) (second view), normalised
     keys_new: torch.Tensor  # (G, d) new features of the (gathered) batch
     keys_old: torch.Tensor  # (G, d) old features of the (gathered) batch
     negative: torch.Tensor  # (B, G) True where the key is of another class
 
 
-def _batch(inputs: LossInputs, gather: bool) -> _Batch:
-    old = F.normalize(inputs.old_features_view2.detach(), dim=1)
+def _batch(inputs: LossInputs, gather: bool, view: View = "independent") -> _Batch:
+    old = inputs.old_features_view2 if view == "independent" else inputs.old_features
+    old = F.normalize(old.detach(), dim=1)
     new = F.normalize(match_dim(inputs.new_features, old.shape[1]), dim=1)
     keys, labels = torch.cat([new, old], dim=1), inputs.labels
     if gather:
@@ -52,6 +62,7 @@ class ContrastiveParams(BaseModel):
                                        "negatives of each kind per anchor (None: all in-batch "
                                        "negatives, as in the paper; the reference code uses 10)")
     gather: bool = _GATHER
+    view: View = _VIEW
 
 
 class RACTParams(ContrastiveParams):
@@ -75,6 +86,10 @@ class ContrastiveLoss(CompatLoss):
 
     Params = ContrastiveParams
     requires = frozenset({"old_features_view2"})
+
+    @classmethod
+    def inputs(cls, params) -> frozenset[str]:
+        return _old_input(params)
     min_batch_classes = 2
 
     def negatives(self, similarity: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -86,7 +101,7 @@ class ContrastiveLoss(CompatLoss):
         return similarity
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        b, tau = _batch(inputs, self.params.gather), self.params.temperature
+        b, tau = _batch(inputs, self.params.gather, self.params.view), self.params.temperature
         positive = (b.new * b.old).sum(dim=1) / tau
         n2o = self.negatives(b.new @ b.keys_old.T, b.negative) / tau
         return LossOutput(_info_nce(positive, n2o).mean())
@@ -105,7 +120,7 @@ class RACTLoss(ContrastiveLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         p = self.params
-        b, tau = _batch(inputs, p.gather), p.temperature
+        b, tau = _batch(inputs, p.gather, p.view), p.temperature
         positive = (b.new * b.old).sum(dim=1) / tau
         n2o = self.negatives(b.new @ b.keys_old.T, b.negative) / (p.temperature_n2o or tau)
         n2n = self.negatives(b.new @ b.keys_new.T, b.negative) / (p.temperature_n2n or tau)
@@ -125,6 +140,7 @@ class TripletParams(BaseModel):
         "by k even when an anchor has fewer negatives)")
     topk_negatives: int = Field(10, ge=1, description="k of mining 'topk'")
     gather: bool = _GATHER
+    view: View = _VIEW
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -141,6 +157,10 @@ class TripletLoss(CompatLoss):
 
     Params = TripletParams
     requires = frozenset({"old_features_view2"})
+
+    @classmethod
+    def inputs(cls, params) -> frozenset[str]:
+        return _old_input(params)
     min_batch_classes = 2
     new_to_new = False
 
@@ -159,7 +179,7 @@ class TripletLoss(CompatLoss):
         return hinges.sum(dim=1) / negative.sum(dim=1).clamp_min(1)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        b = _batch(inputs, self.params.gather)
+        b = _batch(inputs, self.params.gather, self.params.view)
         positive = ((b.new - b.old) ** 2).sum(dim=1).clamp_min(1e-12).sqrt()
         per_anchor = self.hinge(positive, _distance(b.new, b.keys_old), b.negative)
         if self.new_to_new:
