@@ -246,7 +246,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pairs = {"o2o": ("query_old", "gallery_old"), "n2o": ("query_new", "gallery_old"),
              "n2n": ("query_new", "gallery_new")}
     table = {name: evaluate(feats[q], q_labels, feats[g], g_labels, metrics=args.metrics,
-                            leave_one_out=loo)
+                            leave_one_out=loo,
+                            queries_without_positive=args.queries_without_positive)
              for name, (q, g) in pairs.items() if q in feats and g in feats}
     if not table:
         raise SpecError("give at least one query/gallery pair, e.g. --query-new and "
@@ -273,7 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         curve = backfill_curve(feats["query_new"], feats["gallery_old"], feats["gallery_new"],
                                q_labels, g_labels, order, points=args.points,
                                metrics=args.metrics, query_old=feats.get("query_old"),
-                               leave_one_out=loo)
+                               leave_one_out=loo,
+                               queries_without_positive=args.queries_without_positive)
         results["backfill"] = {"order": args.order or f"random (seed {args.seed})",
                                **curve.to_dict()}
         primary = args.metrics[0]
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", nargs="+", default=["map@100", "cmc@1"])
     ev.add_argument("--order", help="backfill order (.npy permutation); default random")
     ev.add_argument("--points", type=int, default=21)
+    ev.add_argument("--queries-without-positive", choices=["skip", "miss"], default="skip",
+                    help="left out of every mean (default), or counted as 0 (FastFill's code)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output-dir", "-o", default="runs/eval")
     ev.add_argument("--overwrite", action="store_true",

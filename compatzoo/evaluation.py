@@ -41,6 +41,7 @@ class _Scores:
                  upgrades: Upgrades):
         self.lineage, self.embeddings, self.upgrades = lineage, embeddings, upgrades
         self.metrics = tuple(lineage.spec.evaluation.metrics)
+        self.without_positive = lineage.spec.evaluation.queries_without_positive
         self.loo = run.leave_one_out
         self.query_labels = np.asarray(run.data.query.labels)
         self.gallery_labels = np.asarray(run.gallery_images.labels)
@@ -70,7 +71,8 @@ class _Scores:
             # Queries against a gallery of another width: BCT's first-d rule.
             self._done[(query, key)] = evaluate(
                 match_dim(self.embeddings[query].query, gallery.shape[1]), self.query_labels,
-                gallery, self.gallery_labels, metrics=self.metrics, leave_one_out=self.loo)
+                gallery, self.gallery_labels, metrics=self.metrics, leave_one_out=self.loo,
+                queries_without_positive=self.without_positive)
         return self._done[(query, key)]
 
 
@@ -132,6 +134,7 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
     spec = lineage.spec
     backfill = spec.evaluation.backfill
     metrics = tuple(spec.evaluation.metrics)
+    without_positive = spec.evaluation.queries_without_positive
     query_labels = np.asarray(run.data.query.labels)
     gallery_labels = np.asarray(run.gallery_images.labels)
     old = embeddings[ROOT]
@@ -164,7 +167,8 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
                                    order, points=backfill.points, metrics=metrics,
                                    query_old=old.query, nfr_k=tuple(backfill.nfr_k),
                                    leave_one_out=run.leave_one_out,
-                                   reference_gallery=old.gallery)
+                                   reference_gallery=old.gallery,
+                                   queries_without_positive=without_positive)
             curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
     return curves
 

@@ -440,6 +440,9 @@ class EvaluationSpec(BaseModel):
         "first new model trained with classification only")
     backfill: BackfillSpec | None = Field(default_factory=BackfillSpec)
     batch_size: int = Field(512, ge=1, description="feature extraction batch size")
+    queries_without_positive: Literal["skip", "miss"] = Field(
+        "skip", description="queries with no positive in the gallery: left out of every "
+        "mean (the papers' protocols) or counted as misses, 0 (FastFill's evaluation code)")
 
     @field_validator("metrics")
     @classmethod

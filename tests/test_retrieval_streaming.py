@@ -44,3 +44,20 @@ def test_curve_and_flips_do_not_depend_on_query_blocks(monkeypatch):
     assert blocked["nfr"] == whole["nfr"]                     # counts of queries: exact
     for name, values in whole["metrics"].items():
         assert blocked["metrics"][name] == pytest.approx(values, rel=1e-12, abs=1e-15)
+
+
+def test_queries_without_a_positive_skipped_or_counted_as_misses():
+    """``miss`` (FastFill's evaluation) averages over every query with 0 for those with no
+    positive; ``skip`` over the others only: miss = skip x (scored / all)."""
+    query, query_labels, gallery, labels = clustered(np.random.default_rng(6), 50, 300, 6, 16)
+    query_labels = query_labels.copy()
+    query_labels[:12] = 99                                   # 12 queries of no gallery class
+    skip = evaluate(query, query_labels, gallery, labels, METRICS)
+    miss = evaluate(query, query_labels, gallery, labels, METRICS,
+                    queries_without_positive="miss")
+    assert miss == pytest.approx({m: v * 38 / 50 for m, v in skip.items()}, rel=1e-12)
+    curve = backfill_curve(query, gallery, gallery, query_labels, labels, np.arange(300),
+                           points=3, metrics=["map@100"], queries_without_positive="miss")
+    assert curve.metrics["map@100"] == pytest.approx([miss["map@100"]] * 3, rel=1e-12)
+    with pytest.raises(Exception, match="'skip'.*'miss'"):
+        evaluate(query, query_labels, gallery, labels, queries_without_positive="count")

@@ -1,10 +1,11 @@
 """Which exact search backend is fastest here, decided by measuring it.
 
 Whether torch's matmul + top-k or faiss's flat search is faster depends on the BLAS each
-was built with and on the CPU: on one machine torch measured 3x faster, on another faiss
-2x faster. So ``backend="auto"`` on a CPU times both on the search's own shapes (one query
-block against one gallery chunk of at most 16,384 rows, best of 2 interleaved runs) and keeps the answer,
-per machine and shape class, in ``<cache>/compatzoo/search-backends.json`` (the cache is
+was built with and on the CPU: on this project's machine faiss measured 1.9x faster than
+torch with one faiss build and 3.4x slower with another. So ``backend="auto"`` on a CPU
+times both on the search's own shapes (one query block against one gallery chunk of at
+most 16,384 rows, best of 2 interleaved runs) and keeps the answer, per machine and shape
+class, in ``<cache>/compatzoo/search-backends.json`` (the cache is
 ``$COMPATZOO_CACHE_DIR``, else ``$XDG_CACHE_HOME``, else ``~/.cache``). Searches too small
 for the choice to matter skip the measurement and use torch. ``COMPATZOO_SEARCH_BACKEND``
 (``torch`` or ``faiss``) overrides the choice.

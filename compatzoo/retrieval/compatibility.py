@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compatzoo.retrieval.curves import json_safe
-from compatzoo.retrieval.evaluation import query_values, summarise
+from compatzoo.retrieval.evaluation import check_without_positive, query_values, summarise
 from compatzoo.retrieval.metrics import parse_metric
 from compatzoo.retrieval.search import Plan
 from compatzoo.retrieval.validation import (
@@ -76,13 +76,15 @@ def compatibility_matrix(models: Mapping[str, tuple[ArrayLike, ArrayLike]],
                          query_labels: ArrayLike, gallery_labels: ArrayLike,
                          metric: str = "map@100", leave_one_out: bool = False,
                          backend: str = "auto", chunk_size: int | None = None,
-                         ) -> CompatibilityMatrix:
+                         queries_without_positive: str = "skip") -> CompatibilityMatrix:
     """Evaluate every model's queries against every model's gallery.
 
     ``models`` maps name -> (query features, gallery features), ordered oldest first (the
     order the summaries read as "older"). All models must share the embedding dimension.
+    ``queries_without_positive``: ``skip`` or ``miss``, see :func:`evaluate`.
     """
     parsed = parse_metric(metric)
+    check_without_positive(queries_without_positive)
     if not models:
         raise InvalidArgumentError("models is empty; pass {name: (query_feats, gallery_feats)}")
     checked = {}
@@ -102,7 +104,7 @@ def compatibility_matrix(models: Mapping[str, tuple[ArrayLike, ArrayLike]],
     def score(query_model: str, gallery_model: str) -> float:
         values = query_values(checked[query_model][0], ql, Plan(checked[gallery_model][2]),
                               gl, [parsed], leave_one_out, backend, chunk_size)[0]
-        return summarise([parsed], values)[parsed.name]
+        return summarise([parsed], values, queries_without_positive)[parsed.name]
 
     values = [[score(qn, gn) for gn in names] for qn in names]
     return CompatibilityMatrix(names, values, parsed.name)

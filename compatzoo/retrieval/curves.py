@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from compatzoo.errors import DimensionMismatchError
-from compatzoo.retrieval.evaluation import query_values, summarise
+from compatzoo.retrieval.evaluation import check_without_positive, query_values, summarise
 from compatzoo.retrieval.metrics import parse_metrics
 from compatzoo.retrieval.search import Plan
 from compatzoo.retrieval.validation import (
@@ -104,7 +104,8 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
                    query_old: ArrayLike | None = None, nfr_k: Sequence[int] = (1,),
                    backend: str = "auto", leave_one_out: bool = False,
                    chunk_size: int | None = None,
-                   reference_gallery: ArrayLike | None = None) -> BackfillCurve:
+                   reference_gallery: ArrayLike | None = None,
+                   queries_without_positive: str = "skip") -> BackfillCurve:
     """Metrics of new queries against a gallery being backfilled in ``order``.
 
     At fraction f (``points`` evenly spaced in [0, 1]) the first round(f * G) gallery
@@ -116,8 +117,10 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     ``reference_gallery``: the gallery of the NFR reference state when it is not
     ``gallery_old`` -- e.g. the raw old embeddings when ``gallery_old`` holds their
     upgraded versions psi(old), so flips are still counted against o2o.
+    ``queries_without_positive``: ``skip`` or ``miss``, see :func:`evaluate`.
     """
     parsed = parse_metrics(metrics)
+    check_without_positive(queries_without_positive)
     ks = _check_curve_args(points, nfr_k)
     q, ql, old, gl = validate_retrieval(query_new, query_labels, gallery_old, gallery_labels,
                                         leave_one_out, names=("query_new", "gallery_old"))
@@ -147,7 +150,7 @@ def backfill_curve(query_new: ArrayLike, gallery_old: ArrayLike, gallery_new: Ar
     plan = Plan(old, new, permutation, cuts)
     states = query_values(q, ql, plan, gl, parsed, leave_one_out, backend, chunk_size,
                           extra_k=ks if reference is not None else ())
-    per_point = [summarise(parsed, values) for values in states]
+    per_point = [summarise(parsed, values, queries_without_positive) for values in states]
     values = {m.name: [point[m.name] for point in per_point] for m in parsed}
     curve = BackfillCurve(fractions, values, auc={n: float(np.mean(v)) for n, v in values.items()})
     if reference is not None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from compatzoo.errors import DatasetError
+from compatzoo.errors import DatasetError, InvalidArgumentError
 from compatzoo.retrieval.metrics import Metric, parse_metrics
 from compatzoo.retrieval.ranking import count_positives, positive_ranks
 from compatzoo.retrieval.search import Plan, check_backend
@@ -45,8 +45,22 @@ QueryValues = dict[str, torch.Tensor]
 a positive), keyed by the metric's name, and ``correct@k`` (bool) for each extra k."""
 
 
-def summarise(metrics: Sequence[Metric], values: QueryValues) -> dict[str, float]:
-    """Mean of each metric over the queries that have at least one positive."""
+WITHOUT_POSITIVE = ("skip", "miss")
+
+
+def check_without_positive(value: str) -> None:
+    if value not in WITHOUT_POSITIVE:
+        raise InvalidArgumentError(f"queries_without_positive is {value!r}; choose 'skip' "
+                                   "(left out of every mean) or 'miss' (counted as 0)")
+
+
+def summarise(metrics: Sequence[Metric], values: QueryValues,
+              queries_without_positive: str = "skip") -> dict[str, float]:
+    """Mean of each metric over the queries that have at least one positive (``skip``),
+    or over all queries with 0 for those without (``miss``, FastFill's evaluation)."""
+    if queries_without_positive == "miss":
+        return {m.name: float(torch.nan_to_num(values[m.name], nan=0.0).mean())
+                for m in metrics}
     return {m.name: float(torch.nanmean(values[m.name])) for m in metrics}
 
 
@@ -81,21 +95,24 @@ def query_values(query: Features, query_labels: np.ndarray, plan: Plan,
 def evaluate(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike,
              gallery_labels: ArrayLike, metrics: Sequence[str] = ("map@100", "cmc@1"),
              leave_one_out: bool = False, backend: str = "auto",
-             chunk_size: int | None = None) -> dict[str, float]:
+             chunk_size: int | None = None,
+             queries_without_positive: str = "skip") -> dict[str, float]:
     """Retrieval metrics (cosine similarity) of ``query`` against ``gallery``.
 
     ``leave_one_out=True`` is FCT's protocol: pass the same set as query and gallery; item
     i is left out of query i's ranking (by index, not by score). Ties rank by gallery
-    index. Queries without a positive are left out of every mean. ``chunk_size`` gallery
+    index. Queries without a positive are left out of every mean (``"skip"``), or count
+    as misses, 0, as FastFill's evaluation does (``"miss"``). ``chunk_size`` gallery
     rows are scored at a time (None: from a memory budget). Metric names are
     case-insensitive (:data:`KNOWN_METRICS`); the result maps each name as given to its
     value in [0, 1].
     """
     parsed = parse_metrics(metrics)
+    check_without_positive(queries_without_positive)
     q, ql, g, gl = validate_retrieval(query, query_labels, gallery, gallery_labels,
                                       leave_one_out)
     values = query_values(q, ql, Plan(g), gl, parsed, leave_one_out, backend, chunk_size)[0]
-    return summarise(parsed, values)
+    return summarise(parsed, values, queries_without_positive)
 
 
 def top_k(query: ArrayLike, gallery: ArrayLike, k: int = 10,
