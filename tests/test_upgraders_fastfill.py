@@ -136,3 +136,23 @@ def test_registered_through_the_entry_point_with_validated_params():
         fastfill(label_smoothing=1.5)
     with pytest.raises(SpecError, match="sigma_weight: unknown parameter"):
         fastfill(sigma_weight=1.0)
+
+
+def test_sigma_from_a_separate_linear_layer_like_the_reference_code():
+    """``sigma_head: linear`` (ml-fct's FastFill): h keeps d_new outputs and sigma is a
+    Linear(d_new, 1) of them; it is trained with h by the same loss."""
+    ff = fastfill(sigma_head="linear", epochs=5, batch_size=32, lr=1e-2)
+    assert ff.net.transformation.mixer[-1].out_features == D_NEW
+    old = torch.randn(5, D_OLD)
+    features, sigma = ff.eval().predict(old)
+    torch.testing.assert_close(sigma, ff.net.sigma(features)[:, 0])
+    assert torch.equal(ff(old), features)
+    layer = ff.net.sigma.weight.detach().clone()
+    ff.fit(context(*problem()))
+    assert not torch.equal(ff.net.sigma.weight, layer)
+    stored = ff.signals(StoredGallery(old))["sigma"]
+    with torch.no_grad():
+        np.testing.assert_allclose(stored, ff.eval().predict(old)[1].numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(SpecError, match="sigma_head"):
+        fastfill(sigma_head="layer")

@@ -4,6 +4,8 @@ orders the backfill (``fastfill-sigma``)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from torch.func import functional_call
 from compatzoo.plugin import (DimensionMismatchError, HopData, InvalidFeaturesError, SpecError,
                               StoredGallery, apply_in_chunks)
 from compatzoo_fct import FCTParams, FCTTransformation
-from compatzoo_fct.transformation import MappingLoss
+from compatzoo_fct.transformation import FCTNet, MappingLoss
 
 
 class FastFillParams(FCTParams):
@@ -24,6 +26,9 @@ class FastFillParams(FCTParams):
     mu_disc: float = Field(1.0, ge=0, description="weight of the discriminative term (FastFill: 1)")
     label_smoothing: float = Field(0.1, ge=0, lt=1,
                                    description="of the cross-entropy (FastFill: 0.1)")
+    sigma_head: Literal["unit", "linear"] = Field(
+        "unit", description="where sigma comes from: one more output unit of h's last layer, "
+        "or a separate Linear(d_new, 1) on h's output, as ml-fct's FastFill code does")
 
 
 def fastfill_loss(features: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
@@ -45,6 +50,13 @@ class FastFillUpgrader(FCTTransformation):
     Params = FastFillParams
     extra_outputs = 1
     publishes = frozenset({"sigma"})
+
+    def __init__(self, params: FastFillParams | None = None, input_dim: int = 0,
+                 output_dim: int = 0):
+        super().__init__(params, input_dim, output_dim)
+        if self.params.sigma_head == "linear":
+            self.net = _LinearSigma(FCTNet(input_dim, self.side_model.input_dim, output_dim,
+                                           self.params.inner_dim), output_dim)
 
     def predict(self, old: torch.Tensor,
                 side: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +101,20 @@ class FastFillUpgrader(FCTTransformation):
                                  p.label_smoothing)
 
         return loss
+
+
+class _LinearSigma(nn.Module):
+    """h followed by a separate ``Linear(d_new, 1)`` on its output for sigma; outputs
+    ``[h, sigma]`` like h with an extra unit, so training and prediction are shared."""
+
+    def __init__(self, transformation: nn.Module, new_dim: int):
+        super().__init__()
+        self.transformation = transformation
+        self.sigma = nn.Linear(new_dim, 1)
+
+    def forward(self, old: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        features = self.transformation(old, branch)
+        return torch.cat([features, self.sigma(features)], dim=1)
 
 
 class _Sigma(nn.Module):
