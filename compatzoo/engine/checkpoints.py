@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ MANIFEST = "config.json"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder so a crash leaves no partial file.
-    The file gets the permissions a plain ``open`` would give it (mkstemp's are 0600);
-    its name keeps the suffix, for writers that choose a format by it."""
+    """Write via a hidden ``.partial`` file in the same folder, flushed to disk before it
+    replaces ``path``, so a crash or power loss leaves the old file or the new one, never
+    part of one; a partial file a crash left behind is overwritten by the next write. Its
+    name keeps the suffix, for writers that choose a format by it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.partial{path.suffix}"))
     try:
         try:
             write(tmp)
@@ -39,17 +37,12 @@ def atomic_write(path: Path, write) -> None:
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from exc
-        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _unshared(items) -> tuple[dict[str, Any], dict[str, str]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from compatzoo.engine.checkpoints import atomic_write
 from compatzoo.errors import DatasetError, InvalidFeaturesError, SpecError
 
 ARRAY_SUFFIXES = (".npy", ".safetensors")
@@ -520,8 +521,4 @@ _TRIM = None
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically (a crash leaves the old file or the new one, never half of one)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2))
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))

@@ -316,7 +316,8 @@ def _upgrade_unit(unit: _Unit, steps: Sequence[Step], output: Path, chunk_rows: 
                 n, arrays, carried = reading.result()
                 if k + 1 < len(starts):
                     reading = helper.submit(read, starts[k + 1])
-                arrays, carried = _apply_policy(arrays, carried, policy)
+                if unit.bad:                   # the pre-scan found rows to drop or zero
+                    arrays, carried = _apply_policy(arrays, carried, policy)
                 stored = StoredGallery(*(None if arrays.get(what) is None else
                                          torch.from_numpy(np.ascontiguousarray(arrays[what]))
                                          for what in ("main", "side", "previous")))

@@ -13,6 +13,7 @@ for the choice to matter skip the measurement and use torch. ``COMPATZOO_SEARCH_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,12 @@ def cache_path() -> Path:
 
 def machine() -> str:
     """What the measurement depends on besides the shapes."""
+    return f"{_host()}|threads {torch.get_num_threads()}"
+
+
+@functools.cache
+def _host() -> str:
+    """The host, its CPU and the libraries' versions: fixed for the process, read once."""
     import faiss
 
     cpu = platform.processor() or platform.machine()
@@ -53,8 +60,7 @@ def machine() -> str:
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{platform.node()}|{cpu}|threads {torch.get_num_threads()}|torch "
-            f"{torch.__version__}|faiss {faiss.__version__}")
+    return f"{platform.node()}|{cpu}|torch {torch.__version__}|faiss {faiss.__version__}"
 
 
 def shape_class(query_rows: int, chunk_rows: int, dim: int, k: int) -> str:
