@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compatzoo.data.image_folder import IMAGE_EXTENSIONS
+from compatzoo.data.image_folder import IMAGE_EXTENSIONS, FileImages
 from compatzoo.errors import DatasetError, SpecError
 from compatzoo.jobs.manifest import InputRecord, Manifest
 from compatzoo.jobs.stores import FINGERPRINT_KEY, returned_memory
@@ -44,26 +44,6 @@ def image_list(images: str | Path) -> list[Path]:
                                f"(first: {missing[:3]})")
         return paths
     raise DatasetError(f"--images {images} is neither a folder of images nor a list file")
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Images as the bundle's models expect them; decoded in the loader's workers."""
-
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(self.paths[i]) as image:
-                return self.transform(image)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DatasetError(f"cannot read image {self.paths[i]} ({exc}); replace or remove "
-                               "it from the list") from None
 
 
 @returned_memory()
@@ -118,12 +98,12 @@ def embed_images(bundle, images: str | Path, output: str | Path, *,
     pending = [(name, part) for name, part in shards
                if name in mine and not manifest.is_done(name)]
     manifest.start()
-    transform = bundle.config.preprocess.transform()
+    preprocess = bundle.config.preprocess
     total = sum(len(part) for _, part in pending)
     bar = tqdm(total=total, unit="img", unit_scale=True, desc="embed", disable=not progress)
     with bar:
         for name, part in pending:
-            _embed_shard(encoder, side, [paths[i] for i in part], part, transform,
+            _embed_shard(encoder, side, [paths[i] for i in part], part, preprocess,
                          Path(output) / name, fingerprint, batch_size, workers, bar)
             manifest.record(name, len(part))
     seconds = time.perf_counter() - started
@@ -145,17 +125,18 @@ def _listing_record(paths: list[Path]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _embed_shard(encoder, side, paths: list[Path], rows: np.ndarray, transform, target: Path,
-                 fingerprint: str, batch_size: int, workers: int, bar) -> None:
+def _embed_shard(encoder, side, paths: list[Path], rows: np.ndarray, preprocess,
+                 target: Path, fingerprint: str, batch_size: int, workers: int, bar) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    loader = torch.utils.data.DataLoader(_Decode(paths, transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+    images = FileImages(paths, np.zeros(len(paths), dtype=np.int64), preprocess)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers)
     device = next(encoder.parameters()).device
     encoder.eval()
     embeddings, sides = [], []
-    for batch in loader:
+    for batch, _, _ in loader:
         batch = batch.to(device)
         embeddings.append(encoder(batch).float().cpu().numpy())
         if side is not None:
