@@ -14,6 +14,7 @@ from pathlib import Path
 # Set before torch is imported, and only if the user has not chosen a policy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from compatzoo import distributed  # noqa: E402
 from compatzoo.errors import CompatzooError, SpecError, StorageError  # noqa: E402
 
 DEMO_SPEC = "demo.yaml"
@@ -52,12 +53,19 @@ def _run_spec(spec_source, output_dir: str, args: argparse.Namespace) -> dict:
 
     spec = load_spec(spec_source)
     _set_threads()
+    distributed.start_from_env(args.dist_backend)      # under torchrun: join the group
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     bundles = not args.no_bundles
-    results = run_experiment(spec, output_dir, progress=not args.quiet,
-                             save_checkpoints=not args.no_checkpoints, save_bundles=bundles,
-                             mode=mode, save_every=args.checkpoint_every,
-                             check_data=not args.skip_data_check)
+    try:
+        results = run_experiment(spec, output_dir, progress=not args.quiet,
+                                 save_checkpoints=not args.no_checkpoints,
+                                 save_bundles=bundles, mode=mode,
+                                 save_every=args.checkpoint_every,
+                                 check_data=not args.skip_data_check)
+    finally:
+        distributed.stop()
+    if distributed.launched_rank() != 0:
+        return results
     print(f"\n{spec.name}  (seed {spec.seed}, {results['timing']['total_s']:.0f} s)")
     print(format_table(results["evaluation"]))
     print(f"\nresults: {Path(output_dir) / 'results.json'}; plots: {output_dir}/*.png"
@@ -75,7 +83,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     spec_path = resources.files("compatzoo") / "configs" / DEMO_SPEC
     with resources.as_file(spec_path) as path:
         results = _run_spec(path, args.output_dir, args)
-    if not args.no_bundles:
+    if not args.no_bundles and distributed.launched_rank() == 0:
         _reload_bundles(Path(args.output_dir), results)
     return 0
 
@@ -263,10 +271,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for stale in outputs:            # a failure below must not leave the previous results
         stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    width = max(len(m) for m in args.metrics)
-    print("setting  " + "  ".join(m.ljust(width) for m in args.metrics))
-    for name, values in table.items():
-        print(f"{name:<8} " + "  ".join(f"{100 * values[m]:<{width}.2f}" for m in args.metrics))
+    _print_table(table, args.metrics)
     results = {"metrics": args.metrics, "leave_one_out": loo, "table": table}
     if {"query_new", "gallery_old", "gallery_new"} <= feats.keys():
         order = (load_array(args.order) if args.order else
@@ -288,6 +293,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     atomic_write(out / "eval.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"results: {out / 'eval.json'}")
+    return 0
+
+
+def _print_table(table: dict[str, dict[str, float]], metrics: list[str]) -> None:
+    """One row per setting, figures in percent."""
+    width = max(len(m) for m in metrics)
+    print("setting  " + "  ".join(m.ljust(width) for m in metrics))
+    for name, values in table.items():
+        print(f"{name:<8} " + "  ".join(f"{100 * values[m]:<{width}.2f}" for m in metrics))
+
+
+def _adapter_params(items: list[str]) -> dict:
+    """``--params``: one JSON object, or KEY=VALUE items whose values are read as JSON
+    where they parse (``rank=8``, ``scale=true``) and as text otherwise."""
+    import json
+
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        try:
+            params = json.loads(items[0])
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"--params is not valid JSON ({exc})") from None
+        if not isinstance(params, dict):
+            raise SpecError("--params must be a JSON object, e.g. '{\"rank\": 8}'")
+        return params
+    params = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--params item {item!r} is not KEY=VALUE (or give one JSON object)")
+        try:
+            params[key] = json.loads(text)
+        except json.JSONDecodeError:
+            params[key] = text
+    return params
+
+
+def _cmd_fit_adapter(args: argparse.Namespace) -> int:
+    from compatzoo.bundles.from_pairs import fit_adapter_bundle
+
+    _set_threads()
+    config = fit_adapter_bundle(
+        args.old, args.new, args.out, method=args.method, direction=args.direction,
+        params=_adapter_params(args.params), val_fraction=args.val_fraction, seed=args.seed,
+        name=args.name, progress=not args.quiet, column=args.column, key=args.key,
+        id_column=args.id_column)
+    evaluation, upgrader = config.evaluation, config.upgrader
+    pairs = evaluation["pairs"]
+    print(f"{upgrader.name} ({upgrader.direction}: {upgrader.input_dim}-d -> "
+          f"{upgrader.output_dim}-d) fitted on {pairs['train']} pairs; "
+          + (f"{pairs['held_out']} held out (seed {config.seed}):" if pairs["held_out"]
+             else "none held out"))
+    if evaluation.get("settings"):
+        _print_table(evaluation["settings"], evaluation["metrics"])
+    print(f"bundle {args.out}: load it with compatzoo.load; "
+          + ("it maps new queries into the old space" if upgrader.direction == "query"
+             else "`compatzoo upgrade` runs it on a stored gallery"))
     return 0
 
 
@@ -330,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="do not save model weights (the run cannot be resumed)")
         command.add_argument("--no-bundles", action="store_true",
                              help="do not write a bundle per new model")
+        command.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"),
+                             default="auto", help="under torchrun: the process group's "
+                             "backend (auto: nccl with CUDA GPUs, else gloo)")
     run.set_defaults(func=_cmd_run)
     demo.set_defaults(func=_cmd_demo)
 
@@ -378,6 +442,31 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--private", action="store_true", help="create the repo private")
     publish.add_argument("--commit-message")
     publish.set_defaults(func=_cmd_publish)
+
+    fit = sub.add_parser("fit-adapter", help="fit an upgrader on paired embeddings (the old "
+                         "and new embedding of the same items), report held-out recall and "
+                         "write a bundle `compatzoo upgrade` and compatzoo.load accept")
+    fit.add_argument("--old", required=True, help="old embeddings: .npy, .safetensors "
+                     "(FILE.safetensors:KEY for one of several tensors) or Parquet")
+    fit.add_argument("--new", required=True, help="new embeddings of the same items, same order")
+    fit.add_argument("--method", default="procrustes", help="a registered upgrader: "
+                     "procrustes, affine, residual-mlp, lambda-orthogonal, ...")
+    fit.add_argument("--direction", choices=["gallery", "query"], default="gallery",
+                     help="gallery: map stored old embeddings into the new space; query: map "
+                     "new queries into the old space (the old index keeps serving)")
+    fit.add_argument("--params", nargs="*", default=[], metavar="JSON|KEY=VALUE",
+                     help="the method's params, e.g. rank=64 ridge=0.001")
+    fit.add_argument("--val-fraction", type=float, default=0.1,
+                     help="pairs held out for the report (seeded); 0: none")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, help="the bundle folder to write")
+    fit.add_argument("--name", help="the bundle's name (default: the folder's)")
+    fit.add_argument("--column", default="embedding", help="Parquet embedding column")
+    fit.add_argument("--key", help="tensor name in .safetensors files holding several")
+    fit.add_argument("--id-column", default="id", help="Parquet column of item ids: where "
+                     "both files have it, the ids must agree row by row")
+    fit.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    fit.set_defaults(func=_cmd_fit_adapter)
 
     up = sub.add_parser("upgrade", help="move a stored gallery into a bundle's new space "
                         "(npy, safetensors, Parquet or faiss flat index files), resumably")
@@ -450,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     except CompatzooError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.reports(exc):     # under torchrun, once, not once per rank
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if args.debug or isinstance(exc, BrokenPipeError):

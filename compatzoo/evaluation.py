@@ -24,6 +24,7 @@ from compatzoo.interfaces import BackfillState, GalleryUpgrader, StoredGallery, 
 from compatzoo.lineage import ROOT, Lineage
 from compatzoo.retrieval import backfill_curve, empirical_compatibility, evaluate, update_gain
 from compatzoo.retrieval.compatibility import CompatibilityMatrix
+from compatzoo.retrieval.revisited import revisited_backfill_curve, revisited_metrics
 
 if TYPE_CHECKING:
     from compatzoo.engine import TrainedModel
@@ -45,6 +46,7 @@ class _Scores:
         self.loo = run.leave_one_out
         self.query_labels = np.asarray(run.data.query.labels)
         self.gallery_labels = np.asarray(run.gallery_images.labels)
+        self.relevance = run.data.relevance
         self._done: dict[tuple[str, GalleryKey], dict[str, float]] = {}
 
     @staticmethod
@@ -69,10 +71,13 @@ class _Scores:
         if (query, key) not in self._done:
             gallery = self.features(key)
             # Queries against a gallery of another width: BCT's first-d rule.
-            self._done[(query, key)] = evaluate(
-                match_dim(self.embeddings[query].query, gallery.shape[1]), self.query_labels,
-                gallery, self.gallery_labels, metrics=self.metrics, leave_one_out=self.loo,
-                queries_without_positive=self.without_positive)
+            queries = match_dim(self.embeddings[query].query, gallery.shape[1])
+            self._done[(query, key)] = (
+                revisited_metrics(queries, gallery, list(self.relevance.gnd), self.metrics)
+                if self.relevance is not None else evaluate(
+                    queries, self.query_labels, gallery, self.gallery_labels,
+                    metrics=self.metrics, leave_one_out=self.loo,
+                    queries_without_positive=self.without_positive))
         return self._done[(query, key)]
 
 
@@ -163,6 +168,12 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
         curves[name] = {}
         for label, scheduler in schedulers:
             order = scheduler.order(state, seed=spec.seed)
+            if run.data.relevance is not None:
+                curve = revisited_backfill_curve(emb.query, before, emb.gallery,
+                                                 list(run.data.relevance.gnd), order,
+                                                 backfill.points, metrics)
+                curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
+                continue
             curve = backfill_curve(emb.query, before, emb.gallery, query_labels, gallery_labels,
                                    order, points=backfill.points, metrics=metrics,
                                    query_old=old.query, nfr_k=tuple(backfill.nfr_k),

@@ -12,6 +12,10 @@ Data flows one way: each phase receives what the earlier ones returned, and plug
 receive data (``HopData``), never a way back into the run. Each phase seeds the global
 RNG itself (a generation's encoder, head and hops are built under its seed), so the
 result of a phase does not depend on what ran before it.
+
+Under ``torchrun`` every rank runs the phases up to the evaluation (training
+data-parallel, embeddings split and gathered); rank 0 alone evaluates and writes
+(:mod:`compatzoo.distributed`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compatzoo import distributed
 from compatzoo.data.allocations import Allocation
 from compatzoo.data.augment import AugmentParams, BatchAugment
 from compatzoo.data.datasets import LabeledImages, RetrievalData
@@ -32,9 +37,10 @@ from compatzoo.engine import (TrainedModel, extract_features, load_state, resolv
                               save_state, train_model)
 from compatzoo.engine.checkpoints import FIT_STATE, load_fit_state
 from compatzoo.engine.training import check_batches
-from compatzoo.errors import StorageError
+from compatzoo.errors import SpecError, StorageError
 from compatzoo.interfaces import GalleryUpgrader, HopData, StoredGallery
 from compatzoo.lineage import ROOT, Hop, Lineage, advance, carry, plan
+from compatzoo.retrieval.revisited import REVISITED_METRICS
 from compatzoo.run_folder import Mode, RunFolder, data_fingerprint
 from compatzoo.specs import ExperimentSpec
 
@@ -70,6 +76,7 @@ class RunOptions:
     log_path: Path | None = None             # per-step training log (JSON lines)
     folder: RunFolder | None = None          # finished stages to reload, not redo
     save_every: int = 0                      # steps between training states (0: epochs)
+    num_workers: int = 0                     # DataLoader workers decoding for extraction
 
 
 @dataclass
@@ -121,6 +128,7 @@ def load_data(lineage: Lineage) -> RunData:
     training."""
     spec = lineage.spec
     data = spec.data.dataset.build()
+    check_metrics(spec.evaluation.metrics, data)
     labels = np.asarray(data.train.labels)
     allocation = spec.data.allocation.build(labels=labels, seed=spec.seed)
     stages = {name: lineage.resolve_stage(name, len(allocation.stages))
@@ -132,6 +140,22 @@ def load_data(lineage: Lineage) -> RunData:
                       generation.min_batch_classes, generation.who)
     augment = BatchAugment(AugmentParams.model_validate(spec.data.augment))
     return RunData(data, allocation, stages, train_sets, augment)
+
+
+def check_metrics(metrics: list[str], data: RetrievalData) -> None:
+    """Metrics the data can score: revisitop mAP (``rmap-*``) where the dataset gives
+    per-query ground truth (Revisited Oxford/Paris), label metrics everywhere else."""
+    revisited = [m for m in metrics if m in REVISITED_METRICS]
+    if data.relevance is not None and len(revisited) != len(metrics):
+        raise SpecError(
+            f"dataset {data.name!r} is scored by its per-query ground truth (revisitop), not "
+            f"by labels, so evaluation.metrics must come from {list(REVISITED_METRICS)}; "
+            f"found {metrics}. Use e.g. metrics: [rmap-medium, rmap-hard], primary: rmap-medium")
+    if data.relevance is None and revisited:
+        raise SpecError(
+            f"{revisited} need a dataset with per-query ground truth (revisited, or gldv2 with "
+            f"a revisited block); dataset {data.name!r} is scored by labels: use e.g. "
+            "map@100, cmc@1")
 
 
 def train(lineage: Lineage, run: RunData, options: RunOptions) -> dict[str, TrainedModel]:
@@ -151,7 +175,8 @@ def train(lineage: Lineage, run: RunData, options: RunOptions) -> dict[str, Trai
         if folder is not None and folder.done(stage):
             models[name] = _load_trained(encoder, head, run.train_sets[name], generation,
                                          options.checkpoints / name, folder.done(stage))
-            state_path.unlink(missing_ok=True)      # left by a stop right after the record
+            if distributed.is_main():
+                state_path.unlink(missing_ok=True)  # left by a stop right after the record
             continue
         resume = None
         if folder is not None and state_path is not None and state_path.exists():
@@ -175,7 +200,7 @@ def train(lineage: Lineage, run: RunData, options: RunOptions) -> dict[str, Trai
                 if options.log_path and options.log_path.exists() else 0,
                 "resumed_from": None if resume is None else {
                     "epoch": resume.epoch + 1, "step": resume.step}})
-        if state_path is not None:
+        if state_path is not None and distributed.is_main():
             state_path.unlink(missing_ok=True)
     return models
 
@@ -196,7 +221,7 @@ def embed(models: dict[str, TrainedModel], run: RunData,
 
     def features(model: TrainedModel, images: LabeledImages, what: str) -> torch.Tensor:
         return extract_features(model.encoder, images, options.batch_size, options.device,
-                                options.progress, f"embed {what}")
+                                options.progress, f"embed {what}", options.num_workers)
 
     out = {}
     for name, model in models.items():
@@ -238,7 +263,7 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
                                        else upgrades.hops[before.label].upgrader),
                     seed=generation.seed, progress=options.progress))
             upgrader = upgrader.cpu().eval()
-            if options.checkpoints is not None and finished is None:
+            if options.checkpoints is not None and finished is None and distributed.is_main():
                 save_state(options.checkpoints / name / hop.folder, {"upgrader": upgrader},
                            hop.record(upgrader))
             # The source's gallery as stored, with the side information this hop reads.
@@ -273,7 +298,8 @@ class _ItemFeatures(dict):
     def __missing__(self, name: str) -> torch.Tensor:
         self[name] = extract_features(self.models[name].encoder, self.items,
                                       self.options.batch_size, self.options.device,
-                                      self.options.progress, f"{name} features (upgrader)")
+                                      self.options.progress, f"{name} features (upgrader)",
+                                      self.options.num_workers)
         return self[name]
 
 
@@ -330,32 +356,53 @@ def _run_experiment(spec: ExperimentSpec, out: Path, progress: bool, save_checkp
                     save_bundles: bool, mode: Mode, save_every: int,
                     check_data: bool) -> dict[str, Any]:
     from compatzoo.data.checks import check_retrieval_labels, scan_images
-    from compatzoo.evaluation import evaluate_run
-    from compatzoo.report import Report, write
 
     started = time.perf_counter()
     lineage = plan(spec)
     folder = RunFolder.claim(out, spec.model_dump(mode="json"), mode,
-                             {"checkpoints": save_checkpoints, "bundles": save_bundles})
+                             {"checkpoints": save_checkpoints, "bundles": save_bundles,
+                              "processes": distributed.world_size()})
+    folder.writer = distributed.is_main()
+    distributed.barrier()              # every rank has read the folder before rank 0 writes
     if folder.finished:
         return json.loads((out / "results.json").read_text())
     tick = time.perf_counter()
     run = load_data(lineage)
     check_retrieval_labels(run.data)
     if check_data:
-        scan_images({"train": run.data.train, "query": run.data.query,
-                     **({} if run.data.gallery is None else {"gallery": run.data.gallery})},
-                    progress=progress)
+        distributed.on_main(lambda: scan_images(
+            {"train": run.data.train, "query": run.data.query,
+             **({} if run.data.gallery is None else {"gallery": run.data.gallery})},
+            progress=progress))
     timing = {"data_s": time.perf_counter() - tick}
-    folder.begin(data_fingerprint(run.data))
-    options = RunOptions(progress=progress, device=resolve_device(spec.old.train.device),
+    fingerprint = data_fingerprint(run.data)
+    distributed.on_main(lambda: folder.begin(fingerprint))
+    if not folder.writer:
+        folder.begin(fingerprint)      # the same record, in memory
+    options = RunOptions(progress=progress and distributed.is_main(),
+                         device=resolve_device(spec.old.train.device),
                          batch_size=spec.evaluation.batch_size,
                          checkpoints=out / "checkpoints" if save_checkpoints else None,
-                         log_path=out / "train_log.jsonl", folder=folder,
-                         save_every=save_every)
+                         log_path=out / "train_log.jsonl" if distributed.is_main() else None,
+                         folder=folder, save_every=save_every,
+                         num_workers=spec.old.train.num_workers)
     models = train(lineage, run, options)
     embeddings = embed(models, run, options)
     upgrades = fit_upgraders(lineage, run, models, embeddings, options)
+    # Rank 0 evaluates and writes; the others wait, so a failure there stops them too.
+    return distributed.on_main(lambda: _evaluate_and_write(
+        lineage, run, models, embeddings, upgrades, folder, save_bundles, timing,
+        started)) or {}
+
+
+def _evaluate_and_write(lineage: Lineage, run: RunData, models: dict[str, TrainedModel],
+                        embeddings: dict[str, Embeddings], upgrades: Upgrades,
+                        folder: RunFolder, save_bundles: bool, timing: dict[str, float],
+                        started: float) -> dict[str, Any]:
+    from compatzoo.evaluation import evaluate_run
+    from compatzoo.report import Report, write
+
+    spec = lineage.spec
     tick = time.perf_counter()
     evaluation = evaluate_run(lineage, run, models, embeddings, upgrades)
     timing.update({f"train_{name}_s": model.seconds for name, model in models.items()})

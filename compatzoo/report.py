@@ -97,7 +97,10 @@ def plot_curves(evaluation: dict[str, Any], metric: str, directory: str | Path) 
     table = evaluation["table"]
     paths = []
     for model, by_scheduler in evaluation.get("backfill", {}).items():
-        fig, (ax_metric, ax_nfr) = plt.subplots(1, 2, figsize=(10, 4))
+        with_nfr = any(curve.get("nfr") for curve in by_scheduler.values())
+        fig, axes = plt.subplots(1, 2 if with_nfr else 1, figsize=(10 if with_nfr else 5, 4),
+                                 squeeze=False)
+        ax_metric, ax_nfr = axes[0][0], axes[0][-1] if with_nfr else None
         for scheduler, curve in by_scheduler.items():
             label = f"{scheduler} (AUC {100 * curve['auc'][metric]:.1f})"
             label += " [oracle]" if curve.get("oracle") else ""
@@ -111,10 +114,11 @@ def plot_curves(evaluation: dict[str, Any], metric: str, directory: str | Path) 
                               linewidth=1, label=key.split("/")[0])
         ax_metric.set(xlabel="fraction of gallery backfilled", ylabel=f"{metric} (%)",
                       title=f"backfill: {model}")
-        ax_nfr.set(xlabel="fraction of gallery backfilled", ylabel="negative flip rate (%)",
-                   title="negative flips vs o2o")
         ax_metric.legend(fontsize=8)
-        ax_nfr.legend(fontsize=8)
+        if with_nfr:         # no NFR where the protocol has no labels (revisitop)
+            ax_nfr.set(xlabel="fraction of gallery backfilled",
+                       ylabel="negative flip rate (%)", title="negative flips vs o2o")
+            ax_nfr.legend(fontsize=8)
         paths.append(_save(fig, Path(directory) / f"backfill_{model}.png"))
     return paths
 

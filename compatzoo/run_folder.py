@@ -76,6 +76,9 @@ class RunFolder:
     path: Path
     mode: Mode
     manifest: dict[str, Any]
+    #: false on the ranks of a torchrun launch other than 0: they follow the run's stages
+    #: in memory and write nothing
+    writer: bool = True
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -148,10 +151,11 @@ class RunFolder:
                 f"the data changed since the run in {self.path} started (other items, labels "
                 "or file names); --resume would mix models trained on different data. Use "
                 "--overwrite, or another folder")
-        if self.mode == "overwrite" and self.path.exists():
+        if self.mode == "overwrite" and self.path.exists() and self.writer:
             shutil.rmtree(self.path)
             self.manifest["stages"], self.manifest["sessions"] = {}, []
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.manifest["data_sha256"] = data_sha256
         self.manifest["sessions"].append({
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -204,5 +208,7 @@ class RunFolder:
         staging.rmdir()
 
     def _save(self) -> None:
+        if not self.writer:
+            return
         atomic_write(self.path / MANIFEST,
                      lambda tmp: Path(tmp).write_text(json.dumps(self.manifest, indent=2)))

@@ -320,7 +320,22 @@ class TrainSpec(Recipe):
 
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(False, description="mixed precision on CUDA")
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto", description="mixed-precision type: auto is bfloat16 where the GPU supports it "
+        "(no loss scaling needed), else float16 with a gradient scaler")
     log_every: int = Field(20, ge=1, description="steps between JSON-lines log records")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding "
+                             "images ahead of the model (0: decode in the training process)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    persistent_workers: bool = Field(True, description="keep the workers between epochs")
+    pin_memory: Literal["auto"] | bool = Field(
+        "auto", description="page-locked batches for non-blocking copies (auto: on CUDA)")
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="NHWC memory format for convolutions (auto: on CUDA)")
+    compile: bool = Field(False, description="torch.compile the encoder (needs a compiler "
+                          "toolchain; first steps are slow while it compiles)")
+    sync_batchnorm: bool = Field(False, description="under torchrun, BatchNorm statistics "
+                                 "over the whole batch of all GPUs (SyncBatchNorm; GPUs only)")
 
     @field_validator("device")
     @classmethod
@@ -448,9 +463,14 @@ class EvaluationSpec(BaseModel):
     @classmethod
     def _known_metrics(cls, value: list[str]) -> list[str]:
         from compatzoo.retrieval import parse_metric
+        from compatzoo.retrieval.revisited import REVISITED_METRICS
 
         seen: dict[tuple[str, int | None], str] = {}
         for name in value:
+            if name in REVISITED_METRICS:       # datasets with per-query ground truth
+                if value.count(name) > 1:
+                    raise ValueError(f"metrics lists '{name}' twice; list each metric once")
+                continue
             try:
                 metric = parse_metric(name)
             except CompatzooError as exc:

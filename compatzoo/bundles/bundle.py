@@ -24,7 +24,7 @@ from compatzoo.data.datasets import LabeledImages
 from compatzoo.data.preprocess import Preprocess
 from compatzoo.engine.checkpoints import atomic_write
 from compatzoo.engine.features import extract_features
-from compatzoo.errors import CheckpointError, InvalidFeaturesError, PluginError
+from compatzoo.errors import CheckpointError, InvalidFeaturesError, PluginError, SpecError
 from compatzoo.interfaces import GalleryUpgrader, StoredGallery, check_features
 from compatzoo.registry import get_registry
 
@@ -33,14 +33,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 @dataclass
 class Model:
-    """A trained encoder (and optionally its head) as a bundle receives it."""
+    """A trained encoder (and optionally its head) as a bundle receives it; or, for an
+    adapter fitted on paired embeddings, only an embedding space: no encoder, its width
+    in ``embedding_dim``."""
 
     generation: str
-    encoder_spec: ComponentEntry
-    encoder: nn.Module
+    encoder_spec: ComponentEntry | None
+    encoder: nn.Module | None
     head_spec: ComponentEntry | None = None
     head: nn.Module | None = None
     num_classes: int | None = None
+    embedding_dim: int | None = None
 
 
 @dataclass
@@ -70,8 +73,9 @@ def write_bundle(folder: str | Path, contents: BundleContents,
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     parts: dict[str, dict[str, nn.Module]] = {
-        "old/model.safetensors": {"encoder": contents.old.encoder},
-        "new/model.safetensors": {"encoder": contents.new.encoder}}
+        f"{role}/model.safetensors": {"encoder": model.encoder}
+        for role, model in (("old", contents.old), ("new", contents.new))
+        if model.encoder is not None}
     if contents.new.head is not None:
         parts["new/head.safetensors"] = {"head": contents.new.head}
     upgrader = contents.upgrader
@@ -83,6 +87,8 @@ def write_bundle(folder: str | Path, contents: BundleContents,
     files, tensors, aliases = write_weights(folder, parts, torch_dtype)
 
     def model_entry(model: Model, file: str) -> ModelEntry:
+        if model.encoder is None:
+            return ModelEntry(generation=model.generation, embedding_dim=model.embedding_dim)
         head = None
         if model.head is not None:
             head = HeadEntry(name=model.head_spec.name, params=model.head_spec.params,
@@ -103,7 +109,9 @@ def write_bundle(folder: str | Path, contents: BundleContents,
             name=contents.upgrader_spec.name, params=contents.upgrader_spec.params,
             input_dim=upgrader.input_dim, output_dim=upgrader.output_dim,
             side_dim=upgrader.side_dim, reads_previous=upgrader.reads_previous,
-            publishes=sorted(upgrader.publishes), file="upgrader/model.safetensors"),
+            publishes=sorted(upgrader.publishes),
+            direction=getattr(upgrader, "direction", "gallery"),
+            file="upgrader/model.safetensors"),
         side=None if side is None else SideEntry(file="side/model.safetensors",
                                                  embedding_dim=upgrader.side_dim),
         evaluation=contents.evaluation, files=files, tensors=tensors, aliases=aliases)
@@ -138,7 +146,9 @@ class UpgradeBundle:
                                       "version that wrote it or re-create the bundle") from None
             return component(validated, **runtime)
 
-        def encoder(entry: ModelEntry) -> nn.Module:
+        def encoder(entry: ModelEntry) -> nn.Module | None:
+            if entry.encoder is None:
+                return None
             module = build("encoder", entry.encoder.name, entry.encoder.params)
             load_module(module, states[entry.file], "encoder", folder / entry.file)
             stored = stored_state(module, DTYPES[config.dtype])
@@ -179,9 +189,22 @@ class UpgradeBundle:
                 f"{self.config.new.generation}{hop}, source={self.source.get('uri')})")
 
     @property
-    def fingerprint(self) -> str:
-        """Of the old model: a stored gallery the upgrader accepts came from it."""
+    def fingerprint(self) -> str | None:
+        """Of the old model: a stored gallery the upgrader accepts came from it (None in
+        an adapter bundle, which holds no encoder to fingerprint)."""
         return self.config.old.fingerprint
+
+    def require_gallery_upgrader(self) -> None:
+        """Refuse a query adapter where a stored gallery would be upgraded: it maps
+        new-model queries into the old space, so on old embeddings it gives garbage."""
+        entry = self.config.upgrader
+        if entry is not None and entry.direction == "query":
+            raise SpecError(
+                f"bundle {self.config.name!r} holds a query adapter ({entry.name}): it maps "
+                "new-model queries into the old space, so that the stored gallery serves as "
+                "it is, and cannot upgrade a stored gallery. Map "
+                "queries with bundle.upgrader.upgrade(new_queries), or fit a gallery adapter "
+                "(compatzoo fit-adapter --direction gallery)")
 
     # ------------------------------------------------------------------ encoding
     def encode(self, images: torch.Tensor | Sequence[Image.Image | str | Path] | LabeledImages,
@@ -192,9 +215,14 @@ class UpgradeBundle:
         of that shape (normalised here), PIL images or image paths (preprocessed here), or
         a :class:`LabeledImages` dataset.
         """
-        encoder = {"new": self.new, "old": self.old}.get(model)
-        if encoder is None:
+        if model not in ("new", "old"):
             raise InvalidFeaturesError(f"model must be 'new' or 'old', got {model!r}")
+        encoder = self.new if model == "new" else self.old
+        if encoder is None:
+            raise InvalidFeaturesError(
+                f"bundle {self.config.name!r} holds no encoders: its upgrader was fitted on "
+                "paired embeddings (compatzoo fit-adapter). Embed with your own models and "
+                "map the embeddings with bundle.upgrade")
         dataset = images if isinstance(images, LabeledImages) else _Images(
             self._as_batch(images))
         device = next(encoder.parameters()).device
@@ -272,7 +300,8 @@ class UpgradeBundle:
                 chunk_size: int = 65536) -> StoredGallery:
         """The whole stored gallery one generation on (embeddings, side information, the
         copy kept for the next hop), for chains of bundles."""
-        if fingerprint is not None and fingerprint != self.fingerprint:
+        self.require_gallery_upgrader()
+        if None not in (fingerprint, self.fingerprint) and fingerprint != self.fingerprint:
             raise InvalidFeaturesError(
                 f"these embeddings come from a model with fingerprint {fingerprint[:16]}..., "
                 f"but bundle {self.config.name!r} upgrades galleries of "

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 #: Rows of a run's lifecycle table, as the card names them.
 SETTINGS = {"o2o": "old queries, old gallery", "n2o": "new queries, old gallery (no backfill)",
-            "n2u": "new queries, upgraded gallery", "n2n": "new queries, re-embedded gallery"}
+            "n2u": "new queries, upgraded gallery", "n2n": "new queries, re-embedded gallery",
+            "a2o": "adapted new queries, old gallery"}
 
 
 def card_data(config: BundleConfig, meta: dict | None = None):
@@ -41,6 +42,29 @@ def _new_model(config: BundleConfig) -> dict:
                 {})
 
 
+def _usage(config: BundleConfig, load_as: str) -> str:
+    """How to load the bundle and apply it, by what it holds."""
+    load = f'import compatzoo\n\nbundle = compatzoo.load("{load_as}")\n'
+    if config.upgrader and config.upgrader.direction == "query":
+        return (f"```python\n{load}queries = bundle.upgrader.upgrade(new_query_embeddings)"
+                f"  # ({config.old.embedding_dim}-d): search the old index\n```\n\n"
+                "Compare embeddings with cosine similarity.")
+    if config.old.encoder is None:
+        return (f"```python\n{load}gallery = bundle.upgrade(stored_old_embeddings)"
+                f"  # (N, {config.new.embedding_dim})\n```\n\n"
+                "Compare embeddings with cosine similarity; query with the new model's "
+                "embeddings.")
+    side = ", side=stored_side" if config.side else ""
+    return f"""```python
+{load}queries = bundle.encode(query_images)               # new model, (N, {config.new.embedding_dim})
+gallery = bundle.upgrade(stored_old_embeddings{side})
+```
+
+Compare embeddings with cosine similarity. `bundle.encode(images, model="old")` embeds
+with the old model; `bundle.fingerprint` identifies it
+(`{config.old.fingerprint[:16]}...`)."""
+
+
 def model_card(config: BundleConfig, load_as: str = "path/to/this/bundle",
                meta: dict | None = None) -> str:
     """The card's text: YAML header (model-index) and how to use the bundle; ``load_as`` is
@@ -61,14 +85,21 @@ def model_card(config: BundleConfig, load_as: str = "path/to/this/bundle",
                   "beside each item)" if config.upgrader.side_dim else "")
                if config.upgrader else
                "no upgrader: the new model queries the stored old embeddings directly")
+    if config.upgrader and config.upgrader.direction == "query":
+        upgrade = (f"an adapter `{config.upgrader.name}` that maps new-model queries into "
+                   "the old space, so the stored old gallery keeps serving unchanged")
+    adapter_only = config.old.encoder is None
+    note = f"\n{evaluation['protocol']}" if evaluation.get("protocol") else ""
     spec = yaml.safe_dump(config.spec, sort_keys=False)
     parent = f"; parent bundle `{config.parent}`" if config.parent else ""
     body = f"""
 # {config.name}
 
-A compatible upgrade trained with compatzoo: the old model `{config.old.generation}`
+{'An upgrade fitted with compatzoo on paired embeddings only' if adapter_only else
+ 'A compatible upgrade trained with compatzoo'}: the old model `{config.old.generation}`
 ({config.old.embedding_dim}-d), the new model `{config.new.generation}`
-({config.new.embedding_dim}-d) and {upgrade}.
+({config.new.embedding_dim}-d) and {upgrade}.{' The bundle holds no encoders: embed with '
+'the models that produced the pairs.' if adapter_only else ''}
 Lineage: {' -> '.join(config.lineage)}{parent}.
 
 ## Results ({config.experiment}, seed {config.seed})
@@ -78,21 +109,11 @@ Lineage: {' -> '.join(config.lineage)}{parent}.
 {rows}
 
 {f'Primary metric: {metric}.' if metric else ''} Figures in percent, measured by the run that
-trained these weights{' (stored here as float16)' if config.dtype == 'float16' else ''}.
+trained these weights{' (stored here as float16)' if config.dtype == 'float16' else ''}.{note}
 
 ## Use
 
-```python
-import compatzoo
-
-bundle = compatzoo.load("{load_as}")
-queries = bundle.encode(query_images)               # new model, (N, {config.new.embedding_dim})
-gallery = bundle.upgrade(stored_old_embeddings{', side=stored_side' if config.side else ''})
-```
-
-Compare embeddings with cosine similarity. `bundle.encode(images, model="old")` embeds
-with the old model; `bundle.fingerprint` identifies it
-(`{config.old.fingerprint[:16]}...`).
+{_usage(config, load_as)}
 
 ## Training spec
 

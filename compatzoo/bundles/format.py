@@ -6,11 +6,16 @@ what each file must hash to and what the run measured.
 
     config.json                 BundleConfig: versions, spec, models, upgrader, lineage, results
     README.md                   the model card (huggingface_hub ModelCard, model-index)
-    old/model.safetensors       the old encoder          (prefix "encoder.")
-    new/model.safetensors       the new encoder          (prefix "encoder.")
+    old/model.safetensors       the old encoder          (prefix "encoder."; see below)
+    new/model.safetensors       the new encoder          (prefix "encoder."; see below)
     new/head.safetensors        the new classifier head  (only where a scheduler reads it)
     side/model.safetensors      the side-information encoder (upgraders that store side info)
     upgrader/model.safetensors  the upgrader             (prefix "upgrader.")
+
+An adapter bundle (``compatzoo fit-adapter``: an upgrader fitted on paired embeddings)
+holds no encoders: its models are embedding spaces, a generation name and a width, and
+``upgrader/`` is its only weight file. Its upgrader may map new-model queries into the old
+space (``direction: query``) instead of the stored gallery into the new one.
 
 A tensor held by two modules (an upgrader embedding its side encoder) is stored once, in
 the first file that holds it, and ``aliases`` say where the other copy comes from.
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,16 +59,26 @@ class HeadEntry(ComponentEntry):
 
 
 class ModelEntry(_Record):
-    """One encoder of the bundle: how to build it, its width and its weights."""
+    """One encoder of the bundle: how to build it, its width and its weights; or, in an
+    adapter bundle, only an embedding space (no encoder, file or fingerprint)."""
 
     generation: str
-    encoder: ComponentEntry
+    encoder: ComponentEntry | None = None
     embedding_dim: int
-    file: str
-    fingerprint: str = Field(description="sha256 of the encoder's weights as stored "
-                                         "(names, dtypes, shapes, bytes): which model a "
-                                         "stored gallery came from")
+    file: str | None = None
+    fingerprint: str | None = Field(None, description="sha256 of the encoder's weights as "
+                                    "stored (names, dtypes, shapes, bytes): which model a "
+                                    "stored gallery came from")
     head: HeadEntry | None = None
+
+    @model_validator(mode="after")
+    def _encoder_complete(self) -> ModelEntry:
+        given = [self.encoder is not None, self.file is not None, self.fingerprint is not None]
+        if any(given) and not all(given):
+            raise ValueError("an encoder needs its encoder spec, file and fingerprint together")
+        if self.head is not None and self.encoder is None:
+            raise ValueError("a head needs the encoder it follows")
+        return self
 
 
 class UpgraderEntry(ComponentEntry):
@@ -72,6 +87,9 @@ class UpgraderEntry(ComponentEntry):
     side_dim: int = 0
     reads_previous: bool = False
     publishes: list[str] = Field(default_factory=list)
+    direction: Literal["gallery", "query"] = Field(
+        "gallery", description="gallery: maps stored old embeddings into the new space; "
+        "query: maps new-model queries into the old space (never run on a stored gallery)")
     file: str
 
 

@@ -82,6 +82,13 @@ def check_retrieval_labels(data: RetrievalData) -> dict[str, int]:
     if len(query_labels) == 0:
         raise DatasetError(f"dataset {data.name!r} has an empty query split, so there is "
                            "nothing to evaluate; add query images")
+    if data.relevance is not None:     # the labels are bookkeeping; the ground truth decides
+        scored = sum(1 for entry in data.relevance.gnd if len(entry["easy"]) + len(entry["hard"]))
+        if scored == 0:
+            raise DatasetError(f"dataset {data.name!r}: no query of its ground truth lists an "
+                               "easy or hard gallery image, so nothing can be scored; check "
+                               "the gnd file")
+        return {"queries": len(query_labels), "with_positive": scored}
     query_classes, query_counts = np.unique(query_labels, return_counts=True)
 
     if data.gallery is None:

@@ -139,12 +139,32 @@ class TensorImages(LabeledImages):
         return TensorImages(self.images[idx], self.labels[idx.numpy()], self.mean, self.std)
 
 
+@dataclass(frozen=True)
+class RevisitedTruth:
+    """Per-query relevant gallery items, for datasets whose truth is not a shared label.
+
+    Revisited Oxford/Paris (revisitop) list, for each query, the indices of its ``easy``,
+    ``hard`` and ``junk`` gallery images; ``gnd`` keeps them in the form
+    :func:`compatzoo.retrieval.evaluate_revisited` takes.
+    """
+
+    gnd: tuple[dict[str, np.ndarray], ...]
+    dataset: str
+
+    @classmethod
+    def from_gnd(cls, gnd: Sequence[dict[str, Any]], dataset: str) -> RevisitedTruth:
+        """Keep the easy/hard/junk lists of a checked revisitop ``gnd`` as int64 arrays."""
+        return cls(tuple({key: np.asarray(entry[key], dtype=np.int64).reshape(-1)
+                          for key in ("easy", "hard", "junk")} for entry in gnd), dataset)
+
+
 @dataclass
 class RetrievalData:
     """Everything an upgrade experiment needs from a dataset.
 
     ``gallery is None`` means the FCT protocol: the query set is also the gallery and
-    each query is left out of its own ranking.
+    each query is left out of its own ranking. ``relevance``, when set, is the retrieval
+    truth (revisitop protocol) and the labels of query and gallery are only bookkeeping.
     """
 
     train: LabeledImages
@@ -155,6 +175,13 @@ class RetrievalData:
     info: dict[str, Any] = field(default_factory=dict)
     #: how a raw image becomes a model input (recorded in bundles); None if unknown
     preprocess: Preprocess | None = None
+    #: per-query easy/hard/junk gallery indices (Revisited Oxford/Paris); None: labels decide
+    relevance: RevisitedTruth | None = None
+
+    def __post_init__(self) -> None:
+        if self.relevance is not None and (
+                self.gallery is None or len(self.relevance.gnd) != len(self.query)):
+            raise ValueError("relevance needs a gallery and one ground-truth entry per query")
 
 
 def retrieval_info(

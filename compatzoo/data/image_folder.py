@@ -7,7 +7,9 @@ default, matching pretrained torchvision/open_clip backbones).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,34 +33,57 @@ LAYOUT = """\
   <root>/val/<class>/...                    leave-one-out retrieval (each image queries the rest)"""
 
 
-class ImageFolderParams(BaseModel):
-    """Where the folder tree is and how images are prepared."""
+class ImageParams(BaseModel):
+    """How images are prepared; shared by every dataset that decodes image files."""
 
     model_config = ConfigDict(extra="forbid")
 
-    root: Path
     image_size: int = Field(224, ge=8)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def preprocess(self) -> Preprocess:
+        return Preprocess(image_size=self.image_size, mean=self.mean, std=self.std)
+
+
+class ImageFolderParams(ImageParams):
+    """Where the folder tree is and how images are prepared."""
+
+    root: Path
+
+
+def load_pixels(source: Path | BinaryIO, fit: FitSquare, box: Sequence[float] | None = None,
+                name: str | None = None) -> torch.Tensor:
+    """uint8 ``(3, S, S)`` of an image file (or file object): cropped to ``box``
+    ``(x1, y1, x2, y2)`` if given, as revisitop crops its queries, then fitted square.
+    The one decode every dataset of image files goes through."""
+    try:
+        with Image.open(source) as img:
+            square = fit(img.crop(tuple(box)) if box is not None else img)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DatasetError(f"cannot read image {name or source} ({exc}); replace or delete the file") from exc
+    return pil_to_uint8(square)
+
 
 class FileImages(LabeledImages):
-    """Images on disk, decoded on access."""
+    """Images on disk, decoded on access.
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, preprocess: Preprocess) -> None:
+    ``paths`` may be any sequence of paths (a lazy one keeps millions of files cheap);
+    ``boxes`` ``(N, 4)``, if given, crops each image to its ``(x1, y1, x2, y2)`` first.
+    """
+
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray, preprocess: Preprocess,
+                 boxes: np.ndarray | None = None) -> None:
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.preprocess = preprocess
+        self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         self._fit = FitSquare(preprocess.image_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                square = self._fit(img)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DatasetError(f"cannot read image {path} ({exc}); replace or delete the file") from exc
-        return self.preprocess.normalise(pil_to_uint8(square)), int(self.labels[i]), int(i)
+        box = None if self.boxes is None else self.boxes[i]
+        pixels = load_pixels(self.paths[i], self._fit, box)
+        return self.preprocess.normalise(pixels), int(self.labels[i]), int(i)
 
 
 def _layout_error(problem: str, root: Path) -> DatasetError:
@@ -115,7 +140,7 @@ def make_image_folder(params: ImageFolderParams) -> RetrievalData:
     unseen = sorted({name for split in splits.values() for name in split} - class_id.keys())
     class_id |= {name: len(train_classes) + i for i, name in enumerate(unseen)}
 
-    preprocess = Preprocess(image_size=params.image_size, mean=params.mean, std=params.std)
+    preprocess = params.preprocess()
 
     def images(classes: dict[str, list[Path]]) -> FileImages:
         paths = [f for files in classes.values() for f in files]

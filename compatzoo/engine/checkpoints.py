@@ -96,7 +96,8 @@ def save_fit_state(path: str | Path, state: FitState) -> Path:
         *((f"model.{key}", t) for key, t in state.model.items()), *optimizer_state,
         ("rng.generator_at_epoch_start", state.generator_at_epoch_start),
         ("rng.generator", state.generator), ("rng.torch", state.torch_rng),
-        *((f"rng.cuda.{i}", t) for i, t in enumerate(state.cuda_rng or []))])
+        *((f"rng.cuda.{i}", t) for i, t in enumerate(state.cuda_rng or [])),
+        *((f"rng.rank.{i}", t) for i, t in enumerate(state.rank_rngs or []))])
     record = {
         "epoch": state.epoch, "next_batch": state.next_batch, "step": state.step,
         "running": state.running, "epoch_lr": state.epoch_lr, "summaries": state.summaries,
@@ -104,7 +105,8 @@ def save_fit_state(path: str | Path, state: FitState) -> Path:
         "optimizer_params": [str(p) for p in state.optimizer["state"]],
         "param_groups": state.optimizer["param_groups"], "schedule": state.schedule,
         "scaler": state.scaler, "log_offset": state.log_offset, "aliases": aliases,
-        "cuda_devices": None if state.cuda_rng is None else len(state.cuda_rng)}
+        "cuda_devices": None if state.cuda_rng is None else len(state.cuda_rng),
+        "ranks": None if state.rank_rngs is None else len(state.rank_rngs)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
         "format": "pt", "compatzoo_fit_state": json.dumps(record)}))
     return path
@@ -146,7 +148,9 @@ def _fit_state(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FitS
         generator=tensors["rng.generator"], torch_rng=tensors["rng.torch"],
         log_offset=record["log_offset"],
         cuda_rng=None if record["cuda_devices"] is None else [
-            tensors[f"rng.cuda.{i}"] for i in range(record["cuda_devices"])])
+            tensors[f"rng.cuda.{i}"] for i in range(record["cuda_devices"])],
+        rank_rngs=None if record.get("ranks") is None else [
+            tensors[f"rng.rank.{i}"] for i in range(record["ranks"])])
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from compatzoo import distributed
 from compatzoo.engine.checkpoints import save_fit_state, save_state
 from compatzoo.engine.features import extract_features
-from compatzoo.engine.fitting import FitState, StepLog, fit_epochs
+from compatzoo.engine.fitting import FitState, StepLog, fit_epochs, global_batch
+from compatzoo.engine.loading import BatchLoader
 from compatzoo.errors import SpecError, TrainingDivergedError
 from compatzoo.interfaces import (OLD_MODEL_INPUTS, ClassifierHead, Encoder, FeatureCache,
                                   LossInputs, TrainingContext, WeightedLoss)
@@ -42,9 +44,30 @@ class TrainedModel:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: under torchrun with NCCL, this rank's GPU; else CUDA when present."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            if distributed.is_distributed() and torch.distributed.get_backend() == "nccl":
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda")
+        return torch.device("cpu")
     return torch.device(name)
+
+
+def on_cuda(setting, device: torch.device) -> bool:
+    """A speed switch that is ``auto`` (on where the device is a GPU), true or false."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def speed_up(encoder: Encoder, cfg: TrainSpec, device: torch.device) -> bool:
+    """The GPU speed paths a train block asks for, applied to ``encoder``; returns whether
+    inputs should be channels-last too. On a CPU with the defaults nothing changes."""
+    channels_last = on_cuda(cfg.channels_last, device)
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        encoder.compile()        # in place: the state dict keeps its keys
+    return channels_last
 
 
 def check_batches(labels, batch_size: int, min_classes: int, who: str) -> None:
@@ -65,6 +88,7 @@ def check_batches(labels, batch_size: int, min_classes: int, who: str) -> None:
     if len(labels) < batch_size:
         raise SpecError(f"{who}: its training set has {len(labels)} items, fewer than "
                         f"batch_size {batch_size}; lower train.batch_size")
+    global_batch(batch_size, len(labels), who)      # shared equally by the processes
 
 
 class _OldBranch:
@@ -72,7 +96,7 @@ class _OldBranch:
 
     def __init__(self, old: TrainedModel, dataset, needs: frozenset[str], policy: str,
                  augment_is_identity: bool, device: torch.device, batch_size: int,
-                 progress: bool):
+                 progress: bool, num_workers: int = 0):
         self.encoder = old.encoder.to(device).eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -86,8 +110,10 @@ class _OldBranch:
         self.cache: FeatureCache | None = None
         if "old_feature_cache" in needs or self.cached_view1 or self.cached_view2:
             features = extract_features(self.encoder, dataset, batch_size, device, progress,
-                                        desc="old-feature cache")
-            self.cache = FeatureCache(features, torch.as_tensor(dataset.labels))
+                                        desc="old-feature cache", num_workers=num_workers)
+            # On a GPU the cache stays there: a step then gathers its rows without a copy.
+            self.cache = FeatureCache(features.to(device) if device.type == "cuda" else features,
+                                      torch.as_tensor(dataset.labels))
         self.device = device
 
     @torch.no_grad()
@@ -143,9 +169,11 @@ def train_model(
     encoder.to(device)
     head.to(device)
     loss.to(device)
+    channels_last = speed_up(encoder, cfg, device)
+    pin = on_cuda(cfg.pin_memory, device)
     augment_is_identity = bool(getattr(augment, "is_identity", False))
     branch = (_OldBranch(old, dataset, old_needs, old_feature_cache, augment_is_identity,
-                         device, 512, progress) if old_needs else None)
+                         device, 512, progress, cfg.num_workers) if old_needs else None)
     if old is not None:
         old.head.to(device).eval()
         for p in old.head.parameters():
@@ -156,12 +184,19 @@ def train_model(
         old_head=old.head if old else None, old_classes=old.classes if old else None,
         old_feature_cache=branch.cache if branch else None))
     needs_view2 = "old_features_view2" in needs
+    loader = BatchLoader(dataset, cfg.num_workers, cfg.prefetch_factor,
+                         cfg.persistent_workers, pin)
 
-    def batch_loss(index: torch.Tensor, generator: torch.Generator):
-        images, labels = dataset.get_batch(index)
-        images, labels = images.to(device), labels.to(device)
+    def batch_loss(index: torch.Tensor, generator: torch.Generator, loaded):
+        images, labels = loaded
+        images = images.to(device, non_blocking=pin)
+        labels = labels.to(device, non_blocking=pin)
         view1 = augment(images, generator=generator)
         view2 = augment(images, generator=generator) if needs_view2 else None
+        if channels_last:
+            view1 = view1.contiguous(memory_format=torch.channels_last)
+            view2 = None if view2 is None else view2.contiguous(
+                memory_format=torch.channels_last)
         return loss(LossInputs(
             new_features=encoder(view1).float(), labels=labels, indices=index.to(device),
             new_head=head if "new_head" in needs else None,
@@ -177,13 +212,15 @@ def train_model(
     try:
         for summary in fit_epochs(model, len(dataset), batch_loss, cfg, seed=seed,
                                   progress=progress, desc=desc, amp=cfg.amp,
-                                  step_log=step_log, resume=resume, save=save,
-                                  save_every=save_every):
+                                  amp_dtype=cfg.amp_dtype, step_log=step_log, resume=resume,
+                                  save=save, save_every=save_every, loader=loader,
+                                  sync_batchnorm=cfg.sync_batchnorm,
+                                  unused_parameters="new_head" not in needs):
             history.append(summary)
             log.info("%s epoch %d: %s", desc, summary["epoch"],
                      ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                if k not in ("epoch", "steps")))
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and distributed.is_main():
                 last_good = str(save_state(checkpoint_dir, {"encoder": encoder, "head": head},
                                            {**(checkpoint_config or {}),
                                             "epoch": summary["epoch"]}))

@@ -47,9 +47,11 @@ class Step:
 
 
 def bundle_step(bundle) -> Step:
-    """The hop of a loaded :class:`~compatzoo.bundles.UpgradeBundle`."""
+    """The hop of a loaded :class:`~compatzoo.bundles.UpgradeBundle`; a query adapter is
+    refused here, before any output exists."""
     import hashlib
 
+    bundle.require_gallery_upgrader()
     config = bundle.config
     upgrader = bundle.upgrader
     weights = hashlib.sha256("".join(sorted(config.files.values())).encode()).hexdigest()

@@ -9,6 +9,7 @@ mean, as in revisitop. Values are fractions (revisitop prints them x100).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ PROTOCOLS = {  # name -> (positive lists, junk lists)
     "medium": (("easy", "hard"), ("junk",)),
     "hard": (("hard",), ("junk", "easy")),
 }
+#: metric names of a run on a dataset with per-query ground truth: revisitop mAP per protocol
+REVISITED_METRICS = tuple(f"rmap-{protocol}" for protocol in PROTOCOLS)
 
 
 def _check_gnd(gnd: list, gallery_size: int | None, source: str) -> list[dict[str, np.ndarray]]:
@@ -127,3 +130,35 @@ def evaluate_revisited(query: ArrayLike, gallery: ArrayLike, gnd: dict | list,
             aps.append(revisitop_ap(found - np.searchsorted(junk, found), len(positives)))
         result[protocol] = float(np.mean(aps)) if aps else float("nan")
     return result
+
+
+def revisited_metrics(query: ArrayLike, gallery: ArrayLike, gnd: dict | list,
+                      metrics: Sequence[str] = REVISITED_METRICS) -> dict[str, float]:
+    """:func:`evaluate_revisited` under the run's metric names (``rmap-medium``, ...)."""
+    result = evaluate_revisited(query, gallery, gnd)
+    return {name: result[name.removeprefix("rmap-")] for name in metrics}
+
+
+def revisited_backfill_curve(query: ArrayLike, gallery_old: ArrayLike, gallery_new: ArrayLike,
+                             gnd: dict | list, order: np.ndarray, points: int = 21,
+                             metrics: Sequence[str] = REVISITED_METRICS):
+    """The backfill curve under the revisitop protocol: at fraction f the first
+    round(f * G) items of ``order`` hold new features, as in
+    :func:`compatzoo.retrieval.backfill_curve` (no NFR: the protocol has no labels that
+    say which old answers were right). Each point is one evaluation of its gallery; the
+    galleries of revisited Oxford/Paris are small."""
+    from compatzoo.retrieval.curves import BackfillCurve
+
+    old = torch.as_tensor(np.asarray(gallery_old), dtype=torch.float32)
+    new = torch.as_tensor(np.asarray(gallery_new), dtype=torch.float32)
+    order = torch.as_tensor(np.asarray(order), dtype=torch.long)
+    fractions = np.linspace(0.0, 1.0, points).tolist()
+    values: dict[str, list[float]] = {name: [] for name in metrics}
+    for fraction in fractions:
+        mixed = old.clone()
+        backfilled = order[:round(fraction * len(order))]
+        mixed[backfilled] = new[backfilled]
+        for name, value in revisited_metrics(query, mixed, gnd, metrics).items():
+            values[name].append(value)
+    return BackfillCurve(fractions, values, {},
+                         {name: float(np.mean(v)) for name, v in values.items()})
