@@ -352,6 +352,46 @@ def _cmd_fit_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from compatzoo.bench import bench
+
+    out = Path(args.out or Path("runs") / "bench" / Path(args.suite).name)
+    outcomes = bench(args.suite, args.seeds, out, only=args.only, jobs=args.jobs)
+    failed = sorted(name for name, o in outcomes.items() if o["status"] == "failed")
+    counts = {s: sum(o["status"] == s for o in outcomes.values())
+              for s in ("finished", "skipped", "failed")}
+    print(f"\n{counts['finished']} run(s) finished, {counts['skipped']} skipped (finished "
+          f"earlier), {counts['failed']} failed" + (f": {', '.join(failed)}" if failed else "")
+          + f"; every outcome in {out / 'bench.json'}")
+    print(f"leaderboard: compatzoo leaderboard {out}")
+    return 1 if failed else 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from compatzoo.bench import failed_runs, finished_runs, suite_name
+    from compatzoo.leaderboard import aggregate, load_claims, write_aggregate
+
+    runs, unfinished = finished_runs(args.dir)
+    if not runs:
+        raise SpecError(f"{args.dir} holds no finished runs (<spec>/seed-<s>/ folders); run "
+                        f"`compatzoo bench SUITE --out {args.dir}` first")
+    done = {f"{stem}/seed-{seed}" for stem, by_seed in runs.items() for seed in by_seed}
+    failures = {k: v for k, v in failed_runs(args.dir).items() if k not in done}
+    claims = load_claims(args.claims) if args.claims else []
+    target = Path(args.out or Path(args.dir) / "LEADERBOARD.md")
+    written = write_aggregate(aggregate(runs), target, args.suite or suite_name(args.dir),
+                              failures=failures,
+                              unfinished=[u for u in unfinished if u not in failures],
+                              claims=claims)
+    counts: dict[str, int] = {}
+    for claim in written["decided"]:
+        counts[claim["status"]] = counts.get(claim["status"], 0) + 1
+    print(f"{target}: {sum(len(s) for s in runs.values())} runs of {len(runs)} specs; "
+          f"{len(written['plots'])} plots, claims.json and leaderboard.json beside it")
+    print("claims: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    return 0
+
+
 def _steps(text: str) -> int:
     """A count of steps, 0 or more (argparse reports the ValueError as a usage error)."""
     value = int(text)
@@ -449,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--old", required=True, help="old embeddings: .npy, .safetensors "
                      "(FILE.safetensors:KEY for one of several tensors) or Parquet")
     fit.add_argument("--new", required=True, help="new embeddings of the same items, same order")
-    fit.add_argument("--method", default="procrustes", help="a registered upgrader: "
-                     "procrustes, affine, residual-mlp, lambda-orthogonal, ...")
+    fit.add_argument("--method", required=True, help="a registered upgrader that fits on "
+                     "embeddings alone (`compatzoo plugins` lists them; the compatzoo-adapters "
+                     "plugin registers four)")
     fit.add_argument("--direction", choices=["gallery", "query"], default="gallery",
                      help="gallery: map stored old embeddings into the new space; query: map "
                      "new queries into the old space (the old index keeps serving)")
@@ -527,6 +568,29 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--verify", action="store_true")
     embed.add_argument("--quiet", "-q", action="store_true")
     embed.set_defaults(func=_cmd_embed)
+
+    bench = sub.add_parser("bench", help="run every spec of a suite folder once per seed, "
+                           "resumably (finished runs are skipped, unfinished ones resumed)")
+    bench.add_argument("suite", help="a folder of spec files, e.g. benchmarks/suites/quick")
+    bench.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                       help="the spec's seed is replaced by each (default: 0 1 2)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="spec file stems to run")
+    bench.add_argument("--jobs", type=int, default=1, help="runs in parallel processes, each "
+                       "with cores // JOBS threads (default 1)")
+    bench.add_argument("--out", help="the runs' folder: <out>/<spec>/seed-<s>/ (default: "
+                       "runs/bench/<suite folder name>)")
+    bench.set_defaults(func=_cmd_bench)
+
+    board = sub.add_parser("leaderboard", help="the leaderboard of a `compatzoo bench` folder: "
+                           "mean ± std over seeds, plots and the papers' claims decided")
+    board.add_argument("dir", help="the --out folder of `compatzoo bench`")
+    board.add_argument("--out", help="the Markdown file; plots and claims.json go beside it "
+                       "(default: DIR/LEADERBOARD.md)")
+    board.add_argument("--suite", help="the suite's name in the title (default: the one "
+                       "DIR/bench.json records)")
+    board.add_argument("--claims", help="the claims to decide, a YAML file of rules over the "
+                       "figures (the papers': benchmarks/claims.yaml)")
+    board.set_defaults(func=_cmd_leaderboard)
     return parser
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compatzoo import diagnostics
+from compatzoo.components import OracleDistanceScheduler, RandomScheduler
 from compatzoo.costs import count_macs
 from compatzoo.interfaces import BackfillState, GalleryUpgrader, StoredGallery, match_dim
 from compatzoo.lineage import ROOT, Lineage
@@ -71,14 +73,20 @@ class _Scores:
         if (query, key) not in self._done:
             gallery = self.features(key)
             # Queries against a gallery of another width: BCT's first-d rule.
-            queries = match_dim(self.embeddings[query].query, gallery.shape[1])
-            self._done[(query, key)] = (
-                revisited_metrics(queries, gallery, list(self.relevance.gnd), self.metrics)
-                if self.relevance is not None else evaluate(
-                    queries, self.query_labels, gallery, self.gallery_labels,
-                    metrics=self.metrics, leave_one_out=self.loo,
-                    queries_without_positive=self.without_positive))
+            self._done[(query, key)] = self._evaluate(
+                match_dim(self.embeddings[query].query, gallery.shape[1]), gallery)
         return self._done[(query, key)]
+
+    def adapted(self, label: str) -> dict[str, float]:
+        """A query hop's row: its mapped queries against the untouched old gallery."""
+        return self._evaluate(self.upgrades.queries[label], self.features(self.own(ROOT)))
+
+    def _evaluate(self, queries: torch.Tensor, gallery: torch.Tensor) -> dict[str, float]:
+        if self.relevance is not None:
+            return revisited_metrics(queries, gallery, list(self.relevance.gnd), self.metrics)
+        return evaluate(queries, self.query_labels, gallery, self.gallery_labels,
+                        metrics=self.metrics, leave_one_out=self.loo,
+                        queries_without_positive=self.without_positive)
 
 
 def evaluate_run(lineage: Lineage, run: RunData, models: dict[str, TrainedModel],
@@ -87,7 +95,8 @@ def evaluate_run(lineage: Lineage, run: RunData, models: dict[str, TrainedModel]
 
     n2u is new queries against the old gallery carried into the model's space by its
     chain's upgraders (BiCT's M_FCT, FCT's new/h(old, s)); with an upgrader, the
-    not-yet-backfilled part of the gallery is that carried gallery.
+    not-yet-backfilled part of the gallery is that carried gallery. a2o is new queries
+    mapped into the old space by a query upgrader, against the untouched old gallery.
     """
     spec = lineage.spec.evaluation
     metrics, primary = list(spec.metrics), spec.primary
@@ -101,7 +110,9 @@ def evaluate_run(lineage: Lineage, run: RunData, models: dict[str, TrainedModel]
         if previous != ROOT and lineage.chain_hop(name) is not None:
             table[f"n2u/{name}/from-{previous}"] = score(name, score.carried(previous, name))
         for hop in lineage.hops_into(name):
-            if not hop.in_chain:
+            if hop.maps_queries:
+                table[f"a2o/{hop.label}"] = score.adapted(hop.label)
+            elif not hop.in_chain:
                 table[f"n2u/{hop.label}"] = score(name, ("direct", hop.label))
         table[f"n2n/{name}"] = score(name, score.own(name))
 
@@ -119,6 +130,9 @@ def evaluate_run(lineage: Lineage, run: RunData, models: dict[str, TrainedModel]
                               "table": table, "criterion": criterion}
     if spec.backfill is not None:
         result["backfill"] = backfill_curves(lineage, run, models, embeddings, upgrades)
+    side = side_information(lineage, run, embeddings, upgrades)
+    if side:
+        result["side_information"] = side
     if upgrades.hops:
         gallery = run.gallery_images
         result["upgrade_cost"] = {
@@ -166,8 +180,9 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
             side=None if entering is None or entering.side is None else entering.side.numpy(),
             signals=fitted.upgrader.signals(entering) if fitted is not None and wanted else {})
         curves[name] = {}
+        orders: dict[str, np.ndarray] = {}
         for label, scheduler in schedulers:
-            order = scheduler.order(state, seed=spec.seed)
+            order = orders[label] = scheduler.order(state, seed=spec.seed)
             if run.data.relevance is not None:
                 curve = revisited_backfill_curve(emb.query, before, emb.gallery,
                                                  list(run.data.relevance.gnd), order,
@@ -181,14 +196,71 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
                                    reference_gallery=old.gallery,
                                    queries_without_positive=without_positive)
             curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
+        order_diagnostics(curves[name], orders, schedulers, state, emb, old, run,
+                          spec.evaluation.primary)
     return curves
+
+
+def order_diagnostics(curves: dict[str, Any], orders: dict[str, np.ndarray],
+                      schedulers: list, state: BackfillState, emb: Embeddings,
+                      old: Embeddings, run: RunData, primary: str) -> None:
+    """Adds ``diagnostics`` to each of one model's curves but the random one (see
+    :func:`compatzoo.diagnostics.backfill_diagnostics`): Spearman of the order's priority
+    with the true error (``true_error``: raw distance, the default oracle-distance's;
+    ``true_error_cosine``: between unit rows) and with flip involvement, and the share of
+    the first oracle-distance curve's AUC gain over random that the order captures."""
+    if all(isinstance(s, RandomScheduler) for _, s in schedulers):
+        return
+    stored = state.upgraded if state.upgraded is not None else state.old_features
+    errors = {"true_error": diagnostics.true_error(stored, state.new_features),
+              "true_error_cosine": diagnostics.true_error(stored, state.new_features,
+                                                          normalize=True)}
+    flips, why = None, None
+    if run.data.relevance is not None:
+        why = "the revisited protocol has no labels to count flips with"
+    else:
+        flips = diagnostics.flip_involvement(
+            emb.query, stored, old.query, old.gallery, np.asarray(run.data.query.labels),
+            np.asarray(run.gallery_images.labels), leave_one_out=run.leave_one_out)
+    random = next((label for label, s in schedulers if isinstance(s, RandomScheduler)), None)
+    oracle = next((label for label, s in schedulers
+                   if isinstance(s, OracleDistanceScheduler)), None)
+    aucs = {label: curve["auc"].get(primary) for label, curve in curves.items()}
+    found = diagnostics.backfill_diagnostics(orders, aucs, errors, flips, random, oracle,
+                                             flips_reason=why)
+    for label, entry in found.items():
+        curves[label]["diagnostics"] = entry
+
+
+def side_information(lineage: Lineage, run: RunData, embeddings: dict[str, Embeddings],
+                     upgrades: Upgrades) -> dict[str, dict[str, Any]]:
+    """Per hop whose stored gallery carries side information: leave-one-out 1-NN label
+    accuracy of that side information on its own, beside the stored embeddings', the
+    target model's and chance (:func:`compatzoo.diagnostics.side_information_report`)."""
+    labels = np.asarray(run.gallery_images.labels)
+    out: dict[str, dict[str, Any]] = {}
+    for label, fitted in upgrades.hops.items():
+        side = fitted.entering.side
+        if side is None or fitted.hop.maps_queries:
+            continue
+        if run.data.relevance is not None:
+            out[label] = {"side_knn_accuracy": None,
+                          "reason": "the revisited protocol's gallery labels are bookkeeping"}
+            continue
+        out[label] = diagnostics.side_information_report(
+            side, fitted.entering.features, embeddings[fitted.hop.target].gallery, labels)
+    return out
 
 
 # --------------------------------------------------------------------------- costs
 def upgrade_cost(fitted: FittedHop, encoder: nn.Module, gallery_images) -> dict[str, float]:
-    """Per gallery item: MACs of the hop vs re-embedding the image, and bytes stored."""
+    """Per gallery item: MACs of the hop vs re-embedding the image, and bytes stored. A
+    query hop costs per query instead: its MACs on top of embedding the query image."""
     device = next(encoder.parameters()).device
     images, _ = gallery_images.get_batch([0, 1])
+    if fitted.hop.maps_queries:
+        return {"adapt_macs_per_query": advance_macs(fitted.upgrader, fitted.entering),
+                "embed_macs_per_query": count_macs(encoder, images.to(device))}
     return {"upgrade_macs_per_item": advance_macs(fitted.upgrader, fitted.entering),
             "reembed_macs_per_item": count_macs(encoder, images.to(device)),
             **stored_bytes(fitted.upgrader, fitted.entering),

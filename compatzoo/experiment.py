@@ -108,12 +108,14 @@ class Upgrades:
 
     ``carried[(j, i)]`` is the gallery embedded by generation j and carried to generation
     i through the chain hops between them (unchanged across a generation without one);
-    ``direct[label]`` is the source's gallery after a hop outside the chain.
+    ``direct[label]`` is the source's gallery after a hop outside the chain;
+    ``queries[label]`` the target's queries mapped into the old space by a query hop.
     """
 
     hops: dict[str, FittedHop] = field(default_factory=dict)
     carried: dict[tuple[str, str], StoredGallery] = field(default_factory=dict)
     direct: dict[str, StoredGallery] = field(default_factory=dict)
+    queries: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -266,14 +268,22 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
             if options.checkpoints is not None and finished is None and distributed.is_main():
                 save_state(options.checkpoints / name / hop.folder, {"upgrader": upgrader},
                            hop.record(upgrader))
+            seconds = (finished["hops"][hop.label]["seconds"] if finished is not None
+                       else time.perf_counter() - started)
+            if hop.maps_queries:           # the stored gallery stays; the queries move
+                queries = StoredGallery(embeddings[name].query)
+                upgrades.queries[hop.label] = torch.from_numpy(upgrader.upgrade(
+                    queries.features))
+                upgrades.hops[hop.label] = FittedHop(
+                    hop, upgrader, history, StoredGallery(embeddings[ROOT].gallery), queries,
+                    seconds)
+                continue
             # The source's gallery as stored, with the side information this hop reads.
             side = upgrader.side_information(run.gallery_images, options.batch_size,
                                              options.progress)
             source_gallery = StoredGallery(embeddings[hop.source].gallery, side)
             entering = (upgrades.carried[(ROOT, hop.source)]
                         if hop.in_chain and hop.source != ROOT else source_gallery)
-            seconds = (finished["hops"][hop.label]["seconds"] if finished is not None
-                       else time.perf_counter() - started)
             upgrades.hops[hop.label] = FittedHop(hop, upgrader, history, source_gallery,
                                                  entering, seconds)
             if not hop.in_chain:

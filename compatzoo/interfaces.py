@@ -294,6 +294,16 @@ class GalleryUpgrader(nn.Module):
     fits_on_stored: bool = False
     #: names of the per-item signals :meth:`signals` returns
     publishes: frozenset[str] = frozenset()
+    #: ``gallery``: maps a stored gallery into the next space. ``query``: maps the new
+    #: model's queries into the old space instead, so the old index keeps serving untouched
+    #: until a backfill (Drift-Adapter's direction); it never carries a gallery
+    direction: str = "gallery"
+
+    @classmethod
+    def direction_of(cls, params: BaseModel) -> str:
+        """The direction an upgrader with these params maps (known before it is built: a
+        query upgrader is built with the widths (d_new, d_old) and fits new -> old)."""
+        return cls.direction
 
     def fit(self, data: HopData) -> list[dict[str, float]]:
         """Learn the mapping; returns per-epoch logs. Nothing to learn by default."""

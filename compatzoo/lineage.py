@@ -73,7 +73,9 @@ class Generation:
 @dataclass(frozen=True)
 class Hop:
     """An upgrader from ``source``'s stored gallery into ``target``'s space. ``name`` is
-    set on hops outside the chain (``direct_upgrades``)."""
+    set on hops outside the chain (``direct_upgrades``). A ``query`` hop maps the
+    target's queries into the old space instead (reported as ``a2o``): it carries no
+    gallery, so it is never a chain hop, and its widths are (d_target, d_old)."""
 
     source: str
     target: str
@@ -81,10 +83,15 @@ class Hop:
     name: str | None
     input_dim: int
     output_dim: int
+    direction: str = "gallery"
 
     @property
     def in_chain(self) -> bool:
-        return self.name is None
+        return self.name is None and self.direction == "gallery"
+
+    @property
+    def maps_queries(self) -> bool:
+        return self.direction == "query"
 
     @property
     def label(self) -> str:
@@ -200,8 +207,10 @@ def plan(spec: ExperimentSpec) -> Lineage:
         (d.source, m.name, d.upgrader, d.label) for m in spec.new for d in m.direct_upgrades]
     hops: dict[str, Hop] = {}
     for source, target, upgrader, name in entries:   # chain hops first, then the others
-        hop = Hop(source, target, upgrader, name, generations[source].embedding_dim,
-                  generations[target].embedding_dim)
+        hop = _hop(source, target, upgrader, name, generations)
+        if hop.label in hops:
+            raise SpecError(f"new model '{target}': two upgraders are labelled "
+                            f"'{hop.label}'; name the direct upgrade another way")
         hops[hop.label] = hop
     paragon = spec.evaluation.paragon or next(
         (name for name, g in generations.items()
@@ -218,6 +227,27 @@ def plan(spec: ExperimentSpec) -> Lineage:
     built, chain_states = _check_hops(lineage) if hops else ({}, {})
     _check_schedulers(lineage, built, chain_states)
     return lineage
+
+
+def _hop(source: str, target: str, upgrader: UpgraderSpec, name: str | None,
+         generations: dict[str, Generation]) -> Hop:
+    """A hop with its widths: (d_source, d_target), or (d_target, d_old) for a query
+    upgrader, which only the old gallery can serve (its row compares with o2o)."""
+    direction = upgrader.component.direction_of(upgrader.validated)
+    if direction not in ("gallery", "query"):
+        raise SpecError(f"new model '{target}': upgrader {upgrader.name!r} says it maps "
+                        f"'{direction}'; an upgrader maps 'gallery' or 'query'")
+    source_dim, target_dim = (generations[source].embedding_dim,
+                              generations[target].embedding_dim)
+    if direction == "gallery":
+        return Hop(source, target, upgrader, name, source_dim, target_dim)
+    if source != ROOT:
+        raise SpecError(
+            f"new model '{target}': the query upgrader {upgrader.name!r} would map its "
+            f"queries into '{source}''s space; query upgraders serve the old gallery: give it "
+            "as the upgrader of a model that follows 'old', or as a direct upgrade with "
+            "source: old")
+    return Hop(source, target, upgrader, name, target_dim, source_dim, "query")
 
 
 def _generation(name: str, previous: str | None, stage: int | None, seed: int,
@@ -278,7 +308,7 @@ def _check_hops(lineage: Lineage) -> tuple[dict[str, GalleryUpgrader],
         steps = [None if h is None else built[h.label] for h in lineage.steps(ROOT, name)]
         chain_states[name] = walk(ROOT, steps, path)
     for label, hop in lineage.hops.items():
-        if not hop.in_chain:
+        if not hop.in_chain and not hop.maps_queries:
             walk(hop.source, [built[label]], [hop.source, hop.target])
     return built, chain_states
 

@@ -171,6 +171,12 @@ def format_table(evaluation: dict[str, Any]) -> str:
                      f"{'yes' if entry['compatible'] else 'no'}"
                      + (f"; update gain {gain:.3f}" if gain is not None else ""))
     for name, cost in evaluation.get("upgrade_cost", {}).items():
+        if "adapt_macs_per_query" in cost:
+            lines.append(f"{name} query adapter per query: "
+                         f"{cost['adapt_macs_per_query'] / 1e6:.3f} MMACs on top of "
+                         f"{cost['embed_macs_per_query'] / 1e6:.3f} MMACs to embed it; the "
+                         "old gallery stays as stored")
+            continue
         lines.append(
             f"{name} upgrade per gallery item: {cost['upgrade_macs_per_item'] / 1e6:.3f} MMACs vs "
             f"{cost['reembed_macs_per_item'] / 1e6:.3f} MMACs to re-embed the image; stores "
@@ -198,7 +204,39 @@ def format_table(evaluation: dict[str, Any]) -> str:
             lines.append(f"backfill {name} ({scheduler}): AUC {primary} "
                          f"{_worst([curve['auc'][primary]])}"
                          + (f"; {nfr_text}" if nfr_text else ""))
+            if "diagnostics" in curve:
+                lines.append(f"  {name} ({scheduler}): {_diagnostics_text(curve['diagnostics'])}")
+    for label, side in evaluation.get("side_information", {}).items():
+        if side.get("side_knn_accuracy") is None:
+            lines.append(f"side information of {label}: 1-NN accuracy undefined"
+                         + (f" ({side['reason']})" if side.get("reason") else ""))
+            continue
+        lines.append(f"side information of {label}: leave-one-out 1-NN accuracy "
+                     f"{_pct(side['side_knn_accuracy'])} (stored embeddings "
+                     f"{_pct(side['stored_knn_accuracy'])}, new {_pct(side['new_knn_accuracy'])}"
+                     f", chance {_pct(side['chance'])})")
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "undefined" if value is None else f"{100 * value:.1f}%"
+
+
+def _diagnostics_text(diag: dict[str, Any]) -> str:
+    """One line: Spearman of the order with the true error and with flips, and the share
+    of the oracle's AUC gain over random it captures (or why that is undefined)."""
+    def rho(key: str) -> str:
+        value = diag.get(key)
+        return "undefined" if value is None else f"{value:.2f}"
+
+    captured = diag.get("oracle_gain_captured")
+    gain = (f"captures {100 * captured:.0f}% of the oracle's AUC gain" if captured is not None
+            else "oracle gain share undefined: "
+            + diag.get("reasons", {}).get("oracle_gain_captured", "no reference curves"))
+    return (f"Spearman vs true error {rho('spearman_true_error')} (cosine "
+            f"{rho('spearman_true_error_cosine')}), vs flips {rho('spearman_flips')}"
+            + (f" ({diag['flips_at_start']} at 0%)" if diag.get("flips_at_start") is not None
+               else "") + f"; {gain}")
 
 
 def format_matrix(matrix: dict[str, Any], indent: int = 0) -> list[str]:

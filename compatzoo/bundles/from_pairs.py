@@ -112,7 +112,7 @@ def held_out_report(upgrader, old: np.ndarray, new: np.ndarray,
 
 
 def fit_adapter_bundle(old: str | Path, new: str | Path, out: str | Path, *,
-                       method: str = "procrustes", direction: str = "gallery",
+                       method: str, direction: str = "gallery",
                        params: Mapping[str, Any] | None = None, val_fraction: float = 0.1,
                        seed: int = 0, name: str | None = None, progress: bool = True,
                        **read_options) -> BundleConfig:

@@ -108,7 +108,7 @@ def global_batch(batch_size: int, num_items: int, desc: str) -> int:
                         f"{world} processes; make it a multiple of {world} (--nproc_per_node)")
     batch = min(batch_size, num_items)
     batch -= batch % world
-    if batch < max(world, 2) or num_items < world:
+    if batch < world:
         raise SpecError(f"{desc}: {num_items} training items cannot give each of {world} "
                         "processes a share of a batch; use fewer processes (--nproc_per_node)")
     return batch

@@ -48,8 +48,12 @@ class PairAdapter(GalleryUpgrader):
 
     @property
     def direction(self) -> str:
-        """Read by bundles: a query adapter must never be run on a stored gallery."""
+        """Read by runs and bundles: a query adapter never runs on a stored gallery."""
         return self.params.direction
+
+    @classmethod
+    def direction_of(cls, params: AdapterParams) -> str:
+        return params.direction
 
     def min_pairs(self) -> tuple[int, str]:
         """How many pairs the fit needs, and why."""

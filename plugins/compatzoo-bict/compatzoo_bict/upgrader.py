@@ -39,6 +39,11 @@ class BiCTMLPParams(Recipe):
         0.5, ge=0, le=1, description="m of eq. 9: from the second upgrade of a chain on, psi "
         "reads (1 - m) F_(i-1) + m F_(i-2) (sec. 4.4: 0.5; 0 is vanilla sequential BiCT). "
         "No effect on a first upgrade")
+    direction: Literal["gallery", "query"] = Field(
+        "gallery", description="gallery: psi maps stored old embeddings into the new space "
+        "(BiCT). query: the same MLP and regression fitted new -> old, mapping new queries "
+        "into the old space (Drift-Adapter's direction; not in the BiCT paper, offered so "
+        "psi can be compared with the adapters both ways)")
 
 
 def mlp_layers(input_dim: int, hidden_dim: int, output_dim: int,
@@ -70,7 +75,15 @@ class BiCTMLP(GalleryUpgrader):
     @property
     def reads_previous(self) -> bool:
         """Eq. 9 keeps one more stored gallery copy when m > 0."""
-        return self.params.input_momentum > 0
+        return self.params.input_momentum > 0 and self.direction == "gallery"
+
+    @property
+    def direction(self) -> str:
+        return self.params.direction
+
+    @classmethod
+    def direction_of(cls, params: BiCTMLPParams) -> str:
+        return params.direction
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(old)
@@ -89,15 +102,22 @@ class BiCTMLP(GalleryUpgrader):
         """Cosine regression towards the frozen new features (BiCT step 2). In a chain the
         inputs are the training items as the chain stores them (F_(i-1), and F_(i-2) for
         the momentum input), not phi_(i-1) of the images: that is what psi_i will meet."""
-        data.check(self.input_dim, self.output_dim)
+        if self.direction == "query":        # new queries -> old space, on the same items
+            data.check(self.output_dim, self.input_dim)
+            inputs, targets = data.new_features, data.old_features
+        else:
+            data.check(self.input_dim, self.output_dim)
+            inputs, targets = self.momentum_input(data.stored_items()), data.new_features
+            check_features(inputs, self.input_dim,
+                           "psi's training inputs (as the chain stores them)")
+        inputs = inputs.to(data.device, torch.float32)
+        targets = targets.to(data.device, torch.float32)
         self.to(data.device)
-        old = self.momentum_input(data.stored_items()).to(data.device, torch.float32)
-        check_features(old, self.input_dim, "psi's training inputs (as the chain stores them)")
-        new = data.new_features.to(data.device, torch.float32)
 
         def batch_loss(index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
             index = index.to(data.device)
-            return (1.0 - F.cosine_similarity(self(old[index]), new[index], dim=1)).mean()
+            return (1.0 - F.cosine_similarity(self(inputs[index]), targets[index],
+                                              dim=1)).mean()
 
-        return fit_minibatches(self, len(old), batch_loss, self.params, seed=data.seed,
+        return fit_minibatches(self, len(inputs), batch_loss, self.params, seed=data.seed,
                                progress=data.progress, desc="bict psi")
