@@ -37,7 +37,7 @@ from compatzoo.engine import (TrainedModel, extract_features, load_state, resolv
                               save_state, train_model)
 from compatzoo.engine.checkpoints import FIT_STATE, load_fit_state
 from compatzoo.engine.training import check_batches
-from compatzoo.errors import SpecError, StorageError
+from compatzoo.errors import CompatzooError, SpecError, StorageError
 from compatzoo.interfaces import GalleryUpgrader, HopData, StoredGallery
 from compatzoo.lineage import ROOT, Hop, Lineage, advance, carry, plan
 from compatzoo.retrieval.revisited import REVISITED_METRICS
@@ -140,8 +140,22 @@ def load_data(lineage: Lineage) -> RunData:
     for name, generation in lineage.generations.items():
         check_batches(train_sets[name].labels, generation.model.train.batch_size,
                       generation.min_batch_classes, generation.who)
+        check_head(generation, data.num_classes)
     augment = BatchAugment(AugmentParams.model_validate(spec.data.augment))
     return RunData(data, allocation, stages, train_sets, augment)
+
+
+def check_head(generation, num_classes: int) -> None:
+    """Build the generation's head once, the RNG left as it was: a head that cannot serve
+    the data's classes (a fixed classifier too narrow for them) fails here, before any
+    model trains, not when its generation's turn comes."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            generation.model.head.build(embedding_dim=generation.embedding_dim,
+                                        num_classes=num_classes)
+    except CompatzooError as exc:
+        raise SpecError(f"{generation.who}: its head cannot serve this data's "
+                        f"{num_classes} classes: {exc}") from None
 
 
 def check_metrics(metrics: list[str], data: RetrievalData) -> None:
