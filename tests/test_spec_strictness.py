@@ -20,7 +20,7 @@ from compatzoo.registry import Registry, get_registry
 from compatzoo.specs import SEED_MAX, SpecLoader, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted([*ROOT.glob("compatzoo/configs/*.yaml"), *ROOT.glob("benchmarks/**/*.yaml"),
+SHIPPED = sorted([*ROOT.glob("compatzoo/configs/*.yaml"), *ROOT.glob("benchmarks/suites/**/*.yaml"),
                   *ROOT.glob("model_cards/*/spec.yaml")])
 
 SPEC_YAML = """\
