@@ -119,6 +119,24 @@ def test_safetensors_keys_and_trained_methods(tmp_path, capsys):
     assert config.upgrader.params["hidden_dim"] == 32 and "settings" not in config.evaluation
 
 
+
+@pytest.mark.parametrize("method, params", [
+    ("bict-mlp", ["hidden_dim=32", "epochs=30", "lr=0.5"]),
+    ("fct-transformation", ["side_info=none", "epochs=30"]),
+], ids=["bict-mlp", "fct-transformation"])
+def test_the_seed_methods_upgraders_fit_on_the_same_paired_input(tmp_path, capsys, method,
+                                                                 params):
+    """Issue #15: BiCT's psi and FCT's h (without side information) run on paired
+    embeddings alone, like the adapters, and beat the unadapted baseline."""
+    old, new, _ = rotation_pairs()
+    np.save(tmp_path / "old.npy", old)
+    np.save(tmp_path / "new.npy", new)
+    assert fit("--old", str(tmp_path / "old.npy"), "--new", str(tmp_path / "new.npy"),
+               "--method", method, "--params", *params, "--out", str(tmp_path / "b")) == 0
+    table = report(capsys)
+    assert table["n2u"]["map"] > table["n2o"]["map"] + 20
+    assert compatzoo.load(tmp_path / "b").config.upgrader.name == method
+
 def bad_pairs(tmp_path):
     old, new, _ = rotation_pairs()
     paths = {"old": tmp_path / "old.npy", "new": tmp_path / "new.npy",
