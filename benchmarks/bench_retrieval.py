@@ -5,6 +5,10 @@ For each gallery size G (d = 512, 1,000 queries by default) it measures:
     against a plain torch matmul of the same shape timed in the same run;
   - a 21-point ``backfill_curve`` against 21 plain evaluations of the mixed galleries
     (above ``--naive-max`` the 21 evaluations are extrapolated from one, and marked so);
+  - the curve's cost in evaluations, timed in one process with ``evaluate`` interleaved
+    (best of ``--repeat``), optionally beside another implementation of
+    ``compatzoo/retrieval/curves.py`` (``--curve-baseline``, e.g. the committed one from
+    ``git show HEAD:compatzoo/retrieval/curves.py``), whose results must be identical;
   - leave-one-out ``evaluate`` (map and map@100, 100 classes) at ``--loo-sizes``: time
     and peak memory;
   - faiss ``IndexFlatIP.search`` against ``top_k`` with each backend (torch, faiss, auto)
@@ -16,6 +20,9 @@ data are generated in place so the task's peak, not the data generation's, is me
 
     python benchmarks/bench_retrieval.py --quick
     python benchmarks/bench_retrieval.py --sizes 1e4 1e5 --out results.json
+    git show HEAD:compatzoo/retrieval/curves.py > /tmp/curves_before.py
+    python benchmarks/bench_retrieval.py --sizes 1e4 1e5 --tasks curve_ratio \
+        --loo-sizes --backends-gallery 0 --curve-baseline /tmp/curves_before.py
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from pathlib import Path
 
 METRICS = ("map@100", "cmc@1")
-TASKS = ("matmul", "evaluate", "curve", "naive", "evaluate_map", "loo")
+TASKS = ("matmul", "evaluate", "curve", "curve_ratio", "naive", "evaluate_map", "loo")
 
 
 def _rss_kb() -> int:
@@ -64,8 +71,49 @@ def _matmul(query, gallery, block: int | None) -> None:
             q @ g[start:start + block].T
 
 
+def _load_curves(path: str):
+    """``backfill_curve`` of another copy of compatzoo/retrieval/curves.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curves_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.backfill_curve
+
+
+def curve_ratio(query, query_labels, gallery, gallery_new, gallery_labels, order, points: int,
+                repeat: int, baseline: str | None) -> dict:
+    """The curve and ``evaluate`` (and a baseline curve) timed interleaved in this process:
+    on a shared machine, separate processes see different loads and their ratio drifts."""
+    from compatzoo.retrieval import backfill_curve, evaluate
+
+    curves = {"curve": backfill_curve}
+    if baseline:
+        curves["baseline"] = _load_curves(baseline)
+    times: dict[str, list[float]] = {"evaluate": [], **{name: [] for name in curves}}
+    results = {}
+    for _ in range(repeat):
+        start = time.perf_counter()
+        evaluate(query, query_labels, gallery, gallery_labels, METRICS)
+        times["evaluate"].append(time.perf_counter() - start)
+        for name, function in curves.items():
+            start = time.perf_counter()
+            results[name] = function(query, gallery, gallery_new, query_labels, gallery_labels,
+                                     order, points=points, metrics=METRICS).to_dict()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in times.items()}
+    figures = {"seconds": best["curve"], "evaluate_seconds": best["evaluate"],
+               "curve_over_evaluate": best["curve"] / best["evaluate"], "all_seconds": times}
+    if baseline:
+        figures.update(baseline_seconds=best["baseline"],
+                       baseline_over_evaluate=best["baseline"] / best["evaluate"],
+                       identical_to_baseline=results["baseline"] == results["curve"])
+    return figures
+
+
 def run_task(task: str, size: int, queries: int, dim: int, points: int, repeat: int,
-             threads: int) -> dict:
+             threads: int, baseline: str | None = None) -> dict:
     """One task on fresh data in this process; returns timings and memory."""
     import numpy as np
     import torch
@@ -95,9 +143,15 @@ def run_task(task: str, size: int, queries: int, dim: int, points: int, repeat: 
     query_labels = rng.integers(0, n_classes, queries)
     gallery_labels = rng.integers(0, n_classes, size)
     extra = {}
-    if task in ("curve", "naive"):
+    if task in ("curve", "naive", "curve_ratio"):
         gallery_new = _features(rng, size, dim)
         order = rng.permutation(size)
+    if task == "curve_ratio":
+        before = max(_rss_kb(), _maxrss_kb())
+        figures = curve_ratio(query, query_labels, gallery, gallery_new, gallery_labels, order,
+                              points, repeat, baseline)
+        return {"task": task, "size": size, **figures,
+                "peak_extra_mb": max(0, _maxrss_kb() - before) / 1024}
     if task == "naive":
         mixed = gallery.copy()
     data_kb = _rss_kb() - rss_base
@@ -142,6 +196,8 @@ def _in_subprocess(task: str, size: int, args) -> dict:
                "--queries", str(args.queries), "--dim", str(args.dim),
                "--points", str(args.points), "--repeat", str(args.repeat),
                "--threads", str(args.threads)]
+    if args.curve_baseline:
+        command += ["--curve-baseline", str(args.curve_baseline)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     if args.omp_wait_policy:
@@ -177,19 +233,34 @@ def _search_backends(args) -> dict:
 def bench_size(size: int, args) -> dict:
     flops = 2 * args.queries * size * args.dim
     result = {"size": size, "queries": args.queries, "dim": args.dim, "points": args.points}
-    for task in TASKS:
+    for task in args.tasks:
         if (task == "naive" and size > args.naive_max) or (
                 task == "evaluate_map" and not args.full_ranking) or task == "loo":
             continue
         result[task] = _in_subprocess(task, size, args)
-        print(f"  G={size:.0e} {task:8s} {result[task]['seconds']:8.3f} s  "
+        print(f"  G={size:.0e} {task:11s} {result[task]['seconds']:8.3f} s  "
               f"peak +{result[task]['peak_extra_mb']:7.1f} MB", flush=True)
+    result["summary"] = {}
+    if "curve_ratio" in result:
+        r = result["curve_ratio"]
+        result["summary"]["curve_over_evaluate_interleaved"] = r["curve_over_evaluate"]
+        line = (f"  {args.points}-point curve {r['seconds']:.3f} s = "
+                f"{r['curve_over_evaluate']:.2f}x one evaluate ({r['evaluate_seconds']:.3f} s), "
+                f"interleaved in one process, best of {args.repeat}")
+        if "baseline_seconds" in r:
+            result["summary"]["baseline_over_evaluate_interleaved"] = r["baseline_over_evaluate"]
+            line += (f"; baseline {r['baseline_seconds']:.3f} s = "
+                     f"{r['baseline_over_evaluate']:.2f}x, results "
+                     f"{'identical' if r['identical_to_baseline'] else 'DIFFERENT'}")
+        print(line, flush=True)
+    if not {"matmul", "evaluate", "curve"} <= set(result):
+        return result
     evaluate_s = result["evaluate"]["seconds"]
     if "naive" in result:
         naive_s, extrapolated = result["naive"]["seconds"], False
     else:
         naive_s, extrapolated = args.points * evaluate_s, True
-    result["summary"] = {
+    result["summary"] |= {
         "evaluate_gflops": flops / evaluate_s / 1e9,
         "matmul_gflops": flops / result["matmul"]["seconds"] / 1e9,
         "evaluate_vs_matmul": result["matmul"]["seconds"] / evaluate_s,
@@ -225,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="leave-one-out peak memory at these sizes (none: skip)")
     parser.add_argument("--backends-gallery", type=float, default=2e5,
                         help="gallery size of the search backend comparison (0: skip)")
+    parser.add_argument("--tasks", nargs="+", choices=[t for t in TASKS if t != "loo"],
+                        default=[t for t in TASKS if t != "loo"],
+                        help="per-size tasks to run (default all; loo runs at --loo-sizes)")
+    parser.add_argument("--curve-baseline", type=Path,
+                        help="another curves.py (e.g. from git show HEAD:...) timed beside the "
+                        "curve in curve_ratio, its results checked identical")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         print(json.dumps(run_task(args.worker, sizes[0], args.queries, args.dim, args.points,
-                                  args.repeat, args.threads)))
+                                  args.repeat, args.threads,
+                                  str(args.curve_baseline) if args.curve_baseline else None)))
         return
 
     import torch
@@ -249,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_size(size, args)
         results["sizes"].append(result)
         s = result["summary"]
+        if "evaluate_gflops" not in s:
+            continue
         print(f"  evaluate {s['evaluate_gflops']:.1f} GFLOP/s vs matmul {s['matmul_gflops']:.1f} "
               f"GFLOP/s ({100 * s['evaluate_vs_matmul']:.0f}% of matmul speed); peak memory "
               f"+{result['evaluate']['peak_extra_mb']:.0f} MB beyond its data = "
@@ -257,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{s['curve_over_evaluate']:.2f}x one evaluate; {args.points} evaluations "
               f"{s['naive_seconds']:.2f} s{' (extrapolated)' if s['naive_extrapolated'] else ''}"
               f" = {s['naive_over_curve']:.1f}x the curve", flush=True)
+    ratios = [(r["size"], r["summary"]["curve_over_evaluate_interleaved"])
+              for r in results["sizes"] if "curve_over_evaluate_interleaved" in r["summary"]]
+    if ratios:
+        print(f"{args.points}-point curve in evaluations (interleaved, best of {args.repeat}): "
+              + ", ".join(f"G = {size:.0e}: {ratio:.2f}x" for size, ratio in ratios), flush=True)
     loo = [_in_subprocess("loo", int(n), args) for n in args.loo_sizes]
     for entry in loo:
         print(f"leave-one-out N = {entry['size']:,} (100 classes; map, map@100): "

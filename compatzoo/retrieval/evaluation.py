@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,11 +67,13 @@ def summarise(metrics: Sequence[Metric], values: QueryValues,
 def query_values(query: Features, query_labels: np.ndarray, plan: Plan,
                  gallery_labels: np.ndarray, metrics: Sequence[Metric], leave_one_out: bool,
                  backend: str, chunk_size: int | None, extra_k: Iterable[int] = (),
-                 ) -> list[QueryValues]:
+                 ranker: Callable[..., Iterator] = positive_ranks) -> list[QueryValues]:
     """Check the search arguments, rank the positives deep enough for ``metrics`` and
     reduce each query block's ranks to per-query values at once, so memory grows with
     the number of queries, not with queries x positives. One :data:`QueryValues` per
-    state of ``plan``; ``extra_k`` adds ``correct@k`` (a positive in the top k)."""
+    state of ``plan``; ``extra_k`` adds ``correct@k`` (a positive in the top k).
+    ``ranker`` gives the rank tables, with :func:`positive_ranks`' arguments and results
+    (backfill curves pass a faster one for their many states)."""
     check_chunk_size(chunk_size)
     check_backend(backend)
     extra_k = list(extra_k)
@@ -81,8 +83,8 @@ def query_values(query: Features, query_labels: np.ndarray, plan: Plan,
     parts: list[dict[str, list[torch.Tensor]]] = [
         {name: [] for name in [*(m.name for m in metrics), *(f"correct@{k}" for k in extra_k)]}
         for _ in plan.cuts]
-    for _, tables in positive_ranks(query, query_labels, plan, gallery_labels, n_pos, depth,
-                                    backend, chunk_size, leave_one_out):
+    for _, tables in ranker(query, query_labels, plan, gallery_labels, n_pos, depth, backend,
+                            chunk_size, leave_one_out):
         for state, table in zip(parts, tables):
             for metric in metrics:
                 state[metric.name].append(metric.per_query(table.ranks, table.n_pos))
