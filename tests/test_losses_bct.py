@@ -144,6 +144,25 @@ def test_bct_synthesized_with_linear_head_appends_zero_bias():
     assert torch.allclose(out.total, expected, atol=1e-5)
 
 
+def test_bct_synthesize_all_replaces_every_row_with_its_class_mean_as_openbct():
+    # openBCT: the old classifier is the old-feature class centres of every class (with a
+    # linear head, no bias); a class absent from the training set keeps its own row.
+    head = LinearSoftmaxHead(4, 4)
+    cache = _cache(dim=4, classes=3)                   # class 3 has no training items
+    loss = BCTLoss(BCTParams(new_classes="synthesized", synthesize="all"))
+    loss.prepare(context(head, 4, cache=cache))
+    means = torch.stack([cache.features[cache.labels == c].mean(0) for c in range(3)])
+    assert torch.allclose(loss.synth_weight[:3], means, atol=1e-6)
+    assert torch.equal(loss.synth_weight[3], head.fc.weight.detach()[3])
+    assert torch.equal(loss.synth_bias, torch.cat([torch.zeros(3), head.fc.bias.detach()[3:]]))
+    labels = [2, 0, 1]
+    new = randn(3, 4, seed=9)
+    out = loss(batch(new, labels, old_head=head))
+    w, b = loss.synth_weight, loss.synth_bias
+    expected = torch.stack([ce(w @ new[i] + b, y) for i, y in enumerate(labels)]).mean()
+    assert torch.allclose(out.total, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosface", "arcface"])
 def test_bct_synthesized_works_with_the_core_heads(kind):
     head = compatzoo.create_head(kind, 4, 3)

@@ -26,7 +26,8 @@ def test_valid_spec_fills_plugin_defaults():
     spec = load_spec(minimal_spec())
     head = spec.new[0].head
     assert head.name == "normface" and head.params == {"scale": 32.0}
-    assert spec.new[0].losses[1].params == {"new_classes": "ignore", "old_head": "own_form"}
+    assert spec.new[0].losses[1].params == {"new_classes": "ignore", "synthesize": "missing",
+                                            "old_head": "own_form"}
     assert spec.data.allocation.name == "extended-data"
 
 

@@ -23,6 +23,10 @@ class BCTParams(BaseModel):
         "T_old only), 'synthesized' (old-feature class means appended as old-classifier "
         "rows), 'distill' (KL between old-head outputs of old and new features at T = the "
         "head's scale); BCT sec. 2.5")
+    synthesize: Literal["missing", "all"] = Field(
+        "missing", description="with new_classes 'synthesized': which old-classifier rows "
+        "become old-feature class means -- those of classes the old head lacks (the paper), "
+        "or every class of the new training set, as openBCT does")
     old_head: Literal["own_form", "linear"] = Field(
         "own_form", description="how the frozen old classifier scores new features: in its "
         "own form (margin and scale of a CosFace/ArcFace head; the paper), or as a plain "
@@ -73,8 +77,10 @@ class BCTLoss(OldHeadLoss):
     def _synthesize(self, context: TrainingContext) -> None:
         """Old classifier rows for the classes it lacks: their mean ``phi_old`` feature.
 
-        Rows of classes the old head knows are its own. The extended rows go through the
-        head's own forward, so a normalised head normalises them like its weights.
+        Rows of classes the old head knows are its own (with ``synthesize: all``, every
+        class of the training set gets its mean instead, and a zero bias). The extended
+        rows go through the head's own forward, so a normalised head normalises them like
+        its weights.
         """
         head, cache = context.old_head, context.old_feature_cache
         if cache is None:
@@ -88,7 +94,9 @@ class BCTLoss(OldHeadLoss):
         sums = torch.zeros(rows, head.embedding_dim).index_add_(0, labels,
                                                                 cache.features.float().cpu())
         counts = torch.bincount(labels, minlength=rows)
-        synthesized = ~self.known & (counts > 0)
+        synthesized = counts > 0
+        if self.params.synthesize == "missing":
+            synthesized &= ~self.known
         weight = torch.zeros(rows, head.embedding_dim)
         weight[:head.num_classes] = params[weight_name].detach().float().cpu()
         weight[synthesized] = sums[synthesized] / counts[synthesized, None]
