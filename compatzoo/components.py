@@ -58,10 +58,22 @@ class OracleDistanceScheduler(BackfillScheduler):
                 f"the oracle-distance scheduler compares new embeddings (dim {new.shape[1]}) "
                 f"with the stored ones (dim {stored.shape[1]}); give BackfillState.upgraded, "
                 "the upgrader's output in the new space")
-        stored = np.asarray(stored, np.float32)
-        if self.params.normalize:
-            new, stored = _unit_rows(new), _unit_rows(stored)
-        return descending_order(np.linalg.norm(new - stored, axis=1))
+        return descending_order(true_error(stored, new, self.params.normalize))
+
+
+def true_error(stored: np.ndarray, new: np.ndarray, normalize: bool = False) -> np.ndarray:
+    """Per item, ``||new - stored||``: how far the stored embedding (the upgraded one, or
+    the old one when there is no upgrader) is from what re-embedding the item gives; raw
+    features (FastFill's oracle), or L2-normalised rows with ``normalize`` --
+    ``sqrt(2 - 2 cos)``, monotone in the cosine distance that retrieval sees."""
+    stored = np.asarray(stored, dtype=np.float32)
+    new = np.asarray(new, dtype=np.float32)
+    if stored.shape != new.shape:
+        raise ValueError(f"stored {stored.shape} and new {new.shape} embeddings must have one "
+                         "row per gallery item in one space")
+    if normalize:
+        new, stored = _unit_rows(new), _unit_rows(stored)
+    return np.linalg.norm(new - stored, axis=1)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

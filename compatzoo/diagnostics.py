@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from compatzoo.components import true_error  # noqa: F401  (the oracle's distance)
+
 #: |AUC_oracle - AUC_random| below this leaves the captured fraction undefined.
 GAIN_EPS = 1e-6
 
@@ -68,28 +70,6 @@ def priority(order: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- targets
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def true_error(stored: np.ndarray, new: np.ndarray, normalize: bool = False) -> np.ndarray:
-    """Per item, ``||new - stored||``: how far the stored embedding (the upgraded one, or
-    the old one when there is no upgrader) is from what re-embedding the item gives.
-
-    The same distance the ``oracle-distance`` scheduler orders by: raw features by default
-    (FastFill's oracle), L2-normalised rows with ``normalize`` -- ``sqrt(2 - 2 cos)``,
-    monotone in the cosine distance that retrieval sees.
-    """
-    stored = np.asarray(stored, dtype=np.float32)
-    new = np.asarray(new, dtype=np.float32)
-    if stored.shape != new.shape:
-        raise ValueError(f"stored {stored.shape} and new {new.shape} embeddings must have one "
-                         "row per gallery item in one space")
-    if normalize:
-        new, stored = _unit_rows(new), _unit_rows(stored)
-    return np.linalg.norm(new - stored, axis=1)
-
-
 def nearest(query: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor,
             leave_one_out: bool = False) -> np.ndarray:
     """Index of each query's cosine-nearest gallery item (ties: lowest index). With

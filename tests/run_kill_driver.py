@@ -27,8 +27,8 @@ def kill_at(point: str) -> None:
         desc, n = where.rsplit(":", 1)
         original, seen = fitting.check_finite, {"count": 0}
 
-        def check_finite(out, name, epoch, step, *rest):
-            original(out, name, epoch, step, *rest)
+        def check_finite(values, name, epoch, step):
+            original(values, name, epoch, step)
             if name == desc:
                 seen["count"] += 1
                 if seen["count"] == int(n):

@@ -303,7 +303,7 @@ def fit_epochs(model: nn.Module, num_items: int, batch_loss: BatchLoss, recipe: 
                     out = LossOutput(out)
                 values = distributed.mean_over_ranks(
                     {"loss": out.total.item(), **{k: v.item() for k, v in out.parts.items()}})
-                check_finite(out, desc, epoch + 1, step + 1, values)
+                check_finite(values, desc, epoch + 1, step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.total).backward()
                 scaler.step(optimizer)
@@ -354,16 +354,13 @@ def check_finite_weights(model: nn.Module, desc: str, epoch: int, step: int) -> 
                 f"{epoch}); training diverged. Lower the learning rate or the loss weights")
 
 
-def check_finite(out: LossOutput, desc: str, epoch: int, step: int,
-                 values: dict[str, float] | None = None) -> None:
-    """Stop at the first non-finite loss, naming where and which parts. ``values`` (the
-    loss averaged over ranks) makes every rank stop at the same step."""
-    if values is not None and all(math.isfinite(v) for v in values.values()):
+def check_finite(values: dict[str, float], desc: str, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss, naming where and which parts. ``values`` is the
+    step's loss and parts, averaged over ranks, so every rank stops at the same step."""
+    if all(math.isfinite(v) for v in values.values()):
         return
-    if values is None and torch.isfinite(out.total):
-        return
-    bad = [name for name, value in out.parts.items() if not torch.isfinite(value)]
+    bad = [name for name, value in values.items() if name != "loss" and not math.isfinite(value)]
     raise TrainingDivergedError(
-        f"{desc}: loss became {out.total.item()} at epoch {epoch}, step {step} (non-finite "
+        f"{desc}: loss became {values['loss']} at epoch {epoch}, step {step} (non-finite "
         f"parts: {bad or ['total']}). Lower the learning rate or the loss weights, or check "
         "the inputs for NaN")
