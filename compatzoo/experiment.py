@@ -275,6 +275,8 @@ def fit_upgraders(lineage: Lineage, run: RunData, models: dict[str, TrainedModel
                     labels=torch.as_tensor(items.labels), stored=stored,
                     new_head=models[name].head, old_train=run.train_sets[hop.source],
                     new_train=items, augment=run.augment, device=options.device,
+                    source_encoder=models[hop.source].encoder,
+                    target_encoder=models[name].encoder,
                     previous_upgrader=(None if before is None
                                        else upgrades.hops[before.label].upgrader),
                     seed=generation.seed, progress=options.progress))

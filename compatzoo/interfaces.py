@@ -239,9 +239,11 @@ class HopData:
     stores them at the source generation -- given only to upgraders whose
     ``fits_on_stored`` is true (BiCT, eq. 9); on a first hop it is ``old_features``.
     ``old_train`` holds only the images the source model was trained on: side-information
-    models (FCT) must train there, since at that time nothing else existed. Images,
-    heads and the previous upgrader are optional, so a unit test can fit an upgrader from
-    plain tensors.
+    models (FCT) must train there, since at that time nothing else existed.
+    ``source_encoder`` / ``target_encoder`` are the frozen models behind ``old_features`` /
+    ``new_features``, for upgraders that recompute both from augmented views of
+    ``new_train`` at every step (FCT's reference recipe). Images, encoders, heads and the
+    previous upgrader are optional, so a unit test can fit an upgrader from plain tensors.
     """
 
     old_features: torch.Tensor
@@ -253,6 +255,8 @@ class HopData:
     new_train: Any = None                       # LabeledImages, the items themselves
     previous_upgrader: GalleryUpgrader | None = None
     augment: Callable[..., torch.Tensor] | None = None
+    source_encoder: nn.Module | None = None
+    target_encoder: nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: bool = True

@@ -156,3 +156,36 @@ def test_sigma_from_a_separate_linear_layer_like_the_reference_code():
                                    atol=1e-6)
     with pytest.raises(SpecError, match="sigma_head"):
         fastfill(sigma_head="layer")
+
+
+def test_an_augmented_step_is_fastfills_loss_on_the_augmented_features():
+    """features: augmented, FastFill's loss: the frozen models on one view of the images."""
+    import copy
+
+    from compatzoo.data.datasets import TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    images = TensorImages(torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=g),
+                          np.arange(16) % CLASSES, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(2)
+    source = compatzoo.create_encoder("tiny-cnn", widths=[4, 8], embedding_dim=D_OLD).eval()
+    target = compatzoo.create_encoder("tiny-cnn", widths=[4, 8], embedding_dim=D_NEW).eval()
+    head = compatzoo.create_head("linear", embedding_dim=D_NEW, num_classes=CLASSES)
+    x, labels = images.get_batch(np.arange(16))
+    with torch.no_grad():
+        old, new = source(x), target(x)
+
+    def flip(batch, generator=None):
+        return batch.flip(-1)
+
+    data = HopData(old_features=old, new_features=new, labels=labels, new_head=head,
+                   new_train=images, augment=flip, source_encoder=source,
+                   target_encoder=target, progress=False)
+    ff = fastfill(side_info="old-embedding", features="augmented", epochs=1, batch_size=16)
+    before = copy.deepcopy(ff).train()
+    logs = ff.fit(data)
+    with torch.no_grad():
+        view_old, view_new = source(flip(x)), target(flip(x))
+        out = before.net(view_old, view_old)
+        expected = fastfill_loss(out[:, :-1], out[:, -1], view_new, head(out[:, :-1]), labels)
+    assert logs[-1]["loss"] == pytest.approx(float(expected), rel=1e-5)

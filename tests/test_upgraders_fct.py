@@ -4,12 +4,14 @@ chain, linear CKA and registration."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import get_args
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import compatzoo
@@ -33,9 +35,9 @@ def tiny_images(n: int = 24, seed: int = 0) -> TensorImages:
 
 def context(old: torch.Tensor, new: torch.Tensor, images: TensorImages | None = None,
             **extra) -> HopData:
+    extra.setdefault("augment", BatchAugment())
     return HopData(old_train=images, new_train=images, old_features=old, new_features=new,
-                   labels=torch.arange(len(old)) % 3, augment=BatchAugment(), progress=False,
-                   **extra)
+                   labels=torch.arange(len(old)) % 3, progress=False, **extra)
 
 
 def image_context(images: TensorImages, d_old: int = 6, d_new: int = 10) -> HopData:
@@ -307,3 +309,108 @@ def test_registered_through_the_entry_point_with_validated_params():
                                   side_model={"encoder_params": {"embedding_dim": 3}})
     with pytest.raises(PluginError, match="no encoder named 'resnet5'"):
         compatzoo.create_upgrader("fct-transformation", 8, 12, side_model={"encoder": "resnet5"})
+
+
+# -- features: augmented (ml-fct's TransformationTrainer) vs fixed ---------------------
+
+class FlipAndShift:
+    """A deterministic, per-image augmentation: what a step's view is does not depend on
+    the generator, so a test can recompute it."""
+
+    is_identity = False
+
+    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        return images.flip(-1) + 0.5
+
+
+def encoders_context(images: TensorImages, augment=None, d_old: int = 6,
+                     d_new: int = 10) -> HopData:
+    """Hop data with the frozen models behind its features, as a run gives it."""
+    torch.manual_seed(3)
+    source = compatzoo.create_encoder("tiny-cnn", widths=[4, 8], embedding_dim=d_old).eval()
+    target = compatzoo.create_encoder("tiny-cnn", widths=[4, 8], embedding_dim=d_new).eval()
+    x, _ = images.get_batch(np.arange(len(images)))
+    with torch.no_grad():
+        old, new = source(x), target(x)
+    return context(old, new, images, source_encoder=source, target_encoder=target,
+                   augment=augment or BatchAugment())
+
+
+def test_augmented_inputs_are_the_three_models_on_one_augmented_view():
+    from compatzoo_fct.transformation import augmented_inputs
+
+    images = tiny_images()
+    data = encoders_context(images)                       # the default BatchAugment
+    h = fct("alt-old", d_old=6, d_new=10)
+    h.fit_side_model(data)
+    index = torch.tensor([5, 0, 17, 3])
+    old, side, target = augmented_inputs(data, h.side_model, data.target_encoder)(
+        index, torch.Generator().manual_seed(11))
+    x, _ = images.get_batch(index)
+    view = data.augment(x, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert torch.equal(old, data.source_encoder(view))
+        assert torch.equal(target, data.target_encoder(view))
+        assert torch.equal(side, h.side_model.encoder.eval()(view))
+    assert not torch.allclose(old, data.old_features[index], atol=1e-3)   # not the fixed ones
+
+
+def test_an_augmented_step_is_the_reference_mse_on_the_augmented_features():
+    images = tiny_images(16)
+    data = encoders_context(images, FlipAndShift())
+    h = fct("alt-old", d_old=6, d_new=10, epochs=1, batch_size=16, features="augmented")
+    h.fit_side_model(data)
+    before = copy.deepcopy(h).train()
+    logs = h.fit(data)                                    # one step over all 16 items
+    x, _ = images.get_batch(np.arange(16))
+    view = FlipAndShift()(x)
+    with torch.no_grad():
+        expected = F.mse_loss(before.net(data.source_encoder(view),
+                                         before.side_model.encoder.eval()(view)),
+                              data.target_encoder(view))
+        fixed = F.mse_loss(before.net(data.old_features, h.side_model.extract(images, 16, False)),
+                           data.new_features)
+    assert logs[-1]["loss"] == pytest.approx(float(expected), rel=1e-5)   # batch order differs
+    assert abs(float(fixed) - float(expected)) > 1e-3                     # the switch matters
+
+
+def test_fixed_features_never_run_the_encoders():
+    images = tiny_images(16)
+    data = encoders_context(images)
+    calls = []
+    data.source_encoder.register_forward_hook(lambda *a: calls.append(1))
+    fct("none", d_old=6, d_new=10, epochs=1, batch_size=8, features="fixed").fit(data)
+    assert calls == []
+
+
+def test_auto_features_follow_what_the_hop_data_has():
+    images = tiny_images(8)
+    h = fct("none", d_old=6, d_new=10)
+    assert h.uses_augmented_features(encoders_context(images))            # a run's hop data
+    assert not h.uses_augmented_features(image_context(images))            # features only
+    identity = BatchAugment(BatchAugment().params.model_copy(update={"enabled": False}))
+    assert not h.uses_augmented_features(encoders_context(images, identity))
+
+
+def test_augmented_features_without_the_encoders_fail_before_any_training():
+    h = fct("simclr", d_old=6, d_new=10, features="augmented")
+    with pytest.raises(SpecError, match="source_encoder, target_encoder"):
+        h.fit(image_context(tiny_images()))
+    assert not bool(h.side_model.fitted)
+
+
+def test_g_recomputes_its_target_with_the_next_side_model_on_the_same_view():
+    images = tiny_images(16)
+    data = encoders_context(images, FlipAndShift())
+    g = compatzoo.create_upgrader("fct-side-transformation", 6, 0, side_info="alt-old",
+                                  side_info_dim=6, inner_dim=32, side_model=TINY_SIDE,
+                                  epochs=1, batch_size=16, features="augmented")
+    g.fit_side_model(data)
+    before = copy.deepcopy(g).train()
+    logs = g.fit(data)                  # trains psi_(i+1), then g in one step over 16 items
+    view = FlipAndShift()(images.get_batch(np.arange(16))[0])
+    with torch.no_grad():
+        expected = F.mse_loss(before.net(data.source_encoder(view),
+                                         before.side_model.encoder.eval()(view)),
+                              g.next_side_model.encoder.eval()(view))
+    assert logs[-1]["loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -19,6 +19,9 @@ from compatzoo_fct.side_info import (SIDE_INFORMATION, LearnedSide, SideInfoName
                                      SideInformation, SideModelParams)
 
 MappingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(item indices, generator) -> (phi_source, stored side or None, target)`` of one step
+MappingInputs = Callable[[torch.Tensor, torch.Generator],
+                         tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
 SIDE_SEED_OFFSET = 1  # side models train with another seed than the old model
 
 
@@ -44,6 +47,11 @@ class FCTParams(Recipe):
     warmup_epochs: float = Field(5.0, ge=0, description="ml-fct: 5")
     freeze_bn_from: float | None = Field(0.5, ge=0, le=1, description="ml-fct "
                                          "switch_mode_to_eval: eval mode from half the epochs on")
+    features: Literal["auto", "augmented", "fixed"] = Field(
+        "auto", description="augmented: phi_old, phi_new and psi recomputed by the frozen models "
+        "from one augmented view of each image at every step, as ml-fct's trainer does; fixed: "
+        "computed once from the un-augmented images (faster, less regularised); auto: augmented "
+        "when the hop has the images, the encoders and a non-identity augmentation")
     transform_side: bool = Field(
         False, description="also learn g (sec. 4.4): the next version's side model psi_(i+1) "
         "on this version's training set and g(phi_i, psi_i) -> psi_(i+1), so the side "
@@ -183,9 +191,14 @@ class FCTTransformation(GalleryUpgrader):
         adopted = self._side_model_to_adopt(data.previous_upgrader)
         if adopted is not None and not bool(self.side_model.fitted):
             self.adopt_side_model(adopted)
+        augmented = self.uses_augmented_features(data)
         logs = self.fit_side_model(data)
-        side = self.side_model.extract(data.new_train, progress=data.progress)
-        logs += self.fit_mapping(data, side, data.new_features, loss)
+        if augmented:
+            inputs = augmented_inputs(data, self.side_model, data.target_encoder)
+        else:
+            side = self.side_model.extract(data.new_train, progress=data.progress)
+            inputs = fixed_inputs(data, side, data.new_features)
+        logs += self.fit_mapping(data, inputs, loss)
         if self.side_transformation is not None:
             self.side_transformation.adopt_side_model(self.side_model)
             logs += [{f"g/{k}": v for k, v in log.items()}
@@ -197,6 +210,22 @@ class FCTTransformation(GalleryUpgrader):
         over items and dimensions. Built before any training so subclasses can fail early."""
         return lambda output, target, labels: F.mse_loss(output, target)
 
+    def uses_augmented_features(self, data: HopData) -> bool:
+        """Whether h trains on features recomputed from augmented views (``features``);
+        an explicit ``augmented`` without what it needs fails before any training."""
+        missing = [name for name, value in (("new_train", data.new_train),
+                                            ("source_encoder", data.source_encoder),
+                                            ("target_encoder", data.target_encoder),
+                                            ("augment", data.augment)) if value is None]
+        mode = self.params.features
+        if mode == "augmented" and missing:
+            raise SpecError(f"features: augmented recomputes the features from augmented "
+                            f"images, but the hop data lacks {', '.join(missing)}; give them "
+                            "(a run does) or use features: fixed")
+        if mode == "auto":
+            return not missing and not getattr(data.augment, "is_identity", False)
+        return mode == "augmented"
+
     def fit_side_model(self, data: HopData) -> list[dict[str, float]]:
         """Train psi on the old training images only (FCT sec. 3.2), unless trained already."""
         if bool(self.side_model.fitted):
@@ -207,31 +236,64 @@ class FCTTransformation(GalleryUpgrader):
                             "new_train), or use side_info none or old-embedding")
         return _fit_side(self.side_model, data.old_train, data, "side")
 
-    def fit_mapping(self, data: HopData, side: torch.Tensor | None,
-                    target: torch.Tensor, loss: MappingLoss) -> list[dict[str, float]]:
-        """Regress the net's output on ``target`` over new_train with the frozen
+    def fit_mapping(self, data: HopData, inputs: MappingInputs,
+                    loss: MappingLoss) -> list[dict[str, float]]:
+        """Regress the net's output on the target over new_train, with the frozen
         (phi_old(x), s(x)) as input; BatchNorm freezes as the recipe says."""
         device = data.device
         self.to(device)
-        old = data.old_features.to(device, torch.float32)
-        target = target.to(device, torch.float32)
-        side = None if side is None else side.to(device, torch.float32)
         labels = data.labels.to(device)
-        for name, value in (("target", target), ("side information", side), ("labels", labels)):
-            if value is not None and len(value) != len(old):
-                raise InvalidFeaturesError(f"{len(old)} old training features but {len(value)} "
-                                           f"rows of {name}; all must follow new_train's order")
 
-        def batch_loss(index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
-            index = index.to(device)
-            stored = None if side is None else side[index]
-            output = self.net(old[index], self.side_model.branch_input(old[index], stored))
-            return loss(output, target[index], labels[index])
+        def batch_loss(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            old, stored, target = inputs(index, generator)
+            output = self.net(old, self.side_model.branch_input(old, stored))
+            return loss(output, target, labels[index.to(device)])
 
-        logs = fit_minibatches(self.net, len(old), batch_loss, self.params, seed=data.seed,
-                               progress=data.progress, desc=type(self).__name__)
+        logs = fit_minibatches(self.net, len(data.old_features), batch_loss, self.params,
+                               seed=data.seed, progress=data.progress, desc=type(self).__name__)
         self.eval()
         return logs
+
+
+def fixed_inputs(data: HopData, side: torch.Tensor | None, target: torch.Tensor) -> MappingInputs:
+    """The features computed once from the un-augmented images (``features: fixed``)."""
+    device = data.device
+    old = data.old_features.to(device, torch.float32)
+    target = target.to(device, torch.float32)
+    side = None if side is None else side.to(device, torch.float32)
+    for name, value in (("target", target), ("side information", side),
+                        ("labels", data.labels)):
+        if value is not None and len(value) != len(old):
+            raise InvalidFeaturesError(f"{len(old)} old training features but {len(value)} "
+                                       f"rows of {name}; all must follow new_train's order")
+
+    def inputs(index: torch.Tensor, _: torch.Generator):
+        index = index.to(device)
+        return old[index], None if side is None else side[index], target[index]
+
+    return inputs
+
+
+def augmented_inputs(data: HopData, side_model: SideInformation,
+                     target_encoder: nn.Module) -> MappingInputs:
+    """phi_source, psi and the target recomputed by the frozen models from one augmented
+    view of the step's images, the same view for all three (ml-fct's
+    TransformationTrainer). The models are put in eval mode: they give inputs, so their
+    BatchNorm statistics stay those of the trained models."""
+    device = data.device
+    side_encoder = side_model.encoder if isinstance(side_model, LearnedSide) else None
+    for model in (data.source_encoder, target_encoder, side_encoder):
+        if model is not None:
+            model.to(device).eval()
+
+    @torch.no_grad()
+    def inputs(index: torch.Tensor, generator: torch.Generator):
+        images, _ = data.new_train.get_batch(index)
+        view = data.augment(images.to(device), generator=generator)
+        side = None if side_encoder is None else side_encoder(view).float()
+        return (data.source_encoder(view).float(), side, target_encoder(view).float())
+
+    return inputs
 
 
 class FCTSideTransformation(FCTTransformation):
@@ -261,8 +323,13 @@ class FCTSideTransformation(FCTTransformation):
         """psi_i on old_train (if not adopted), psi_{i+1} on new_train, then g on new_train."""
         check_features(data.old_features, self.input_dim, "old features of the training set")
         loss = self.mapping_loss(data)
+        augmented = self.uses_augmented_features(data)
         logs = self.fit_side_model(data)
         logs += _fit_side(self.next_side_model, data.new_train, data, "next_side")
-        side = self.side_model.extract(data.new_train, progress=data.progress)
-        target = self.next_side_model.extract(data.new_train, progress=data.progress)
-        return logs + self.fit_mapping(data, side, target, loss)
+        if augmented:
+            inputs = augmented_inputs(data, self.side_model, self.next_side_model.encoder)
+        else:
+            side = self.side_model.extract(data.new_train, progress=data.progress)
+            target = self.next_side_model.extract(data.new_train, progress=data.progress)
+            inputs = fixed_inputs(data, side, target)
+        return logs + self.fit_mapping(data, inputs, loss)
