@@ -257,3 +257,27 @@ def suite_name(out: str | Path) -> str:
         return Path(json.loads(path.read_text())["suite"]).name
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return Path(out).resolve().name
+
+
+def current_references(out: str | Path, runs: dict[str, dict[int, dict]]) -> None:
+    """Each spec's ``references`` as its file in the suite folder gives them now, in place of
+    those its runs recorded. They change nothing a run computes, so a finished run is not
+    redone for them (see ``run_folder.NOT_FINGERPRINTED``), and a corrected paper figure
+    must still reach the leaderboard. A spec whose file is gone or no longer validates
+    keeps the recorded ones."""
+    from compatzoo.specs import load_spec
+
+    try:
+        suite = Path(json.loads((Path(out) / BENCH_FILE).read_text())["suite"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return
+    for stem, by_seed in runs.items():
+        path = suite / f"{stem}.yaml"
+        if not path.is_file():
+            continue
+        try:
+            references = load_spec(path).model_dump(mode="json").get("references", [])
+        except CompatzooError:
+            continue
+        for results in by_seed.values():
+            results["spec"]["references"] = references

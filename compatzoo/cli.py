@@ -74,8 +74,23 @@ def _run_spec(spec_source, output_dir: str, args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
+    if args.classes is not None or args.fake_batch is not None:
+        raise SpecError("--classes and --fake-batch apply only with --dry-run")
     output = args.output_dir or str(Path("runs") / Path(args.spec).stem)
     _run_spec(args.spec, output, args)
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Every component at full size, one step on a fake batch (compatzoo/dry_run.py)."""
+    from compatzoo.dry_run import dry_run, format_dry_run
+    from compatzoo.specs import load_spec
+
+    spec = load_spec(args.spec)
+    _set_threads()
+    print(format_dry_run(dry_run(spec, classes=args.classes, batch=args.fake_batch)))
     return 0
 
 
@@ -368,13 +383,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from compatzoo.bench import failed_runs, finished_runs, suite_name
+    from compatzoo.bench import current_references, failed_runs, finished_runs, suite_name
     from compatzoo.leaderboard import aggregate, load_claims, write_aggregate
 
     runs, unfinished = finished_runs(args.dir)
     if not runs:
         raise SpecError(f"{args.dir} holds no finished runs (<spec>/seed-<s>/ folders); run "
                         f"`compatzoo bench SUITE --out {args.dir}` first")
+    current_references(args.dir, runs)
     done = {f"{stem}/seed-{seed}" for stem, by_seed in runs.items() for seed in by_seed}
     failures = {k: v for k, v in failed_runs(args.dir).items() if k not in done}
     claims = load_claims(args.claims) if args.claims else []
@@ -400,6 +416,14 @@ def _steps(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    """A count of 1 or more (argparse reports the ValueError as a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compatzoo", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -411,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment spec (YAML) end to end")
     run.add_argument("spec")
     run.add_argument("--output-dir", "-o", help="default: runs/<spec name>")
+    run.add_argument("--dry-run", action="store_true", help="build every component at full "
+                     "size and step each once on a fake batch (no data read, nothing written)")
+    run.add_argument("--classes", type=_positive, metavar="N", help="with --dry-run: the "
+                     "training set's class count, for datasets that cannot tell it unread")
+    run.add_argument("--fake-batch", type=_positive, metavar="N", help="with --dry-run: "
+                     "images in the fake batch (default: the fewest the losses accept, >= 2)")
     demo = sub.add_parser("demo", help="old model, independent new model and BCT on the "
                           "embedded synthetic benchmark (CPU, a few minutes)")
     demo.add_argument("--output-dir", "-o", default="runs/demo")

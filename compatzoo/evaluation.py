@@ -26,6 +26,7 @@ from compatzoo.interfaces import BackfillState, GalleryUpgrader, StoredGallery, 
 from compatzoo.lineage import ROOT, Lineage
 from compatzoo.retrieval import backfill_curve, empirical_compatibility, evaluate, update_gain
 from compatzoo.retrieval.compatibility import CompatibilityMatrix
+from compatzoo.retrieval.distances import for_distance
 from compatzoo.retrieval.revisited import revisited_backfill_curve, revisited_metrics
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class _Scores:
         self.lineage, self.embeddings, self.upgrades = lineage, embeddings, upgrades
         self.metrics = tuple(lineage.spec.evaluation.metrics)
         self.without_positive = lineage.spec.evaluation.queries_without_positive
+        self.distance = lineage.spec.evaluation.distance
         self.loo = run.leave_one_out
         self.query_labels = np.asarray(run.data.query.labels)
         self.gallery_labels = np.asarray(run.gallery_images.labels)
@@ -82,6 +84,7 @@ class _Scores:
         return self._evaluate(self.upgrades.queries[label], self.features(self.own(ROOT)))
 
     def _evaluate(self, queries: torch.Tensor, gallery: torch.Tensor) -> dict[str, float]:
+        (queries,), (gallery,) = for_distance(self.distance, [queries], [gallery])
         if self.relevance is not None:
             return revisited_metrics(queries, gallery, list(self.relevance.gnd), self.metrics)
         return evaluate(queries, self.query_labels, gallery, self.gallery_labels,
@@ -125,7 +128,7 @@ def evaluate_run(lineage: Lineage, run: RunData, models: dict[str, TrainedModel]
             entry["update_gain"] = update_gain(n2o, o2o, table[f"n2n/{lineage.paragon}"][primary])
         criterion[name] = entry
 
-    result: dict[str, Any] = {"metrics": metrics, "primary": primary,
+    result: dict[str, Any] = {"metrics": metrics, "primary": primary, "distance": spec.distance,
                               "leave_one_out": run.leave_one_out, "paragon": lineage.paragon,
                               "table": table, "criterion": criterion}
     if spec.backfill is not None:
@@ -181,29 +184,33 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
             signals=fitted.upgrader.signals(entering) if fitted is not None and wanted else {})
         curves[name] = {}
         orders: dict[str, np.ndarray] = {}
+        # One ranking mixes the stored and the new gallery: lifted together (one radius).
+        (query, query_old), (stored, new_gallery, old_gallery) = for_distance(
+            spec.evaluation.distance, [emb.query, old.query], [before, emb.gallery, old.gallery])
         for label, scheduler in schedulers:
             order = orders[label] = scheduler.order(state, seed=spec.seed)
             if run.data.relevance is not None:
-                curve = revisited_backfill_curve(emb.query, before, emb.gallery,
+                curve = revisited_backfill_curve(query, stored, new_gallery,
                                                  list(run.data.relevance.gnd), order,
                                                  backfill.points, metrics)
                 curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
                 continue
-            curve = backfill_curve(emb.query, before, emb.gallery, query_labels, gallery_labels,
+            curve = backfill_curve(query, stored, new_gallery, query_labels, gallery_labels,
                                    order, points=backfill.points, metrics=metrics,
-                                   query_old=old.query, nfr_k=tuple(backfill.nfr_k),
+                                   query_old=query_old, nfr_k=tuple(backfill.nfr_k),
                                    leave_one_out=run.leave_one_out,
-                                   reference_gallery=old.gallery,
+                                   reference_gallery=old_gallery,
                                    queries_without_positive=without_positive)
             curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
         order_diagnostics(curves[name], orders, schedulers, state, emb, old, run,
-                          spec.evaluation.primary)
+                          spec.evaluation.primary, spec.evaluation.distance)
     return curves
 
 
 def order_diagnostics(curves: dict[str, Any], orders: dict[str, np.ndarray],
                       schedulers: list, state: BackfillState, emb: Embeddings,
-                      old: Embeddings, run: RunData, primary: str) -> None:
+                      old: Embeddings, run: RunData, primary: str,
+                      distance: str = "cosine") -> None:
     """Adds ``diagnostics`` to each of one model's curves but the random one (see
     :func:`compatzoo.diagnostics.backfill_diagnostics`): Spearman of the order's priority
     with the true error (``true_error``: raw distance, the default oracle-distance's;
@@ -219,8 +226,10 @@ def order_diagnostics(curves: dict[str, Any], orders: dict[str, np.ndarray],
     if run.data.relevance is not None:
         why = "the revisited protocol has no labels to count flips with"
     else:
+        (query, query_old), (stored_rows, old_gallery) = for_distance(
+            distance, [emb.query, old.query], [torch.from_numpy(stored), old.gallery])
         flips = diagnostics.flip_involvement(
-            emb.query, stored, old.query, old.gallery, np.asarray(run.data.query.labels),
+            query, stored_rows, query_old, old_gallery, np.asarray(run.data.query.labels),
             np.asarray(run.gallery_images.labels), leave_one_out=run.leave_one_out)
     random = next((label for label, s in schedulers if isinstance(s, RandomScheduler)), None)
     oracle = next((label for label, s in schedulers

@@ -89,6 +89,25 @@ def upgrade_rows(results: dict) -> list[dict]:
     return rows
 
 
+def measured(results: dict, reference: dict) -> float | None:
+    """What one run measured in a reference's row, column and metric (a fraction), or None
+    where the run lacks it (a metric compatzoo runs do not compute, a curve not drawn)."""
+    evaluation, model = results["evaluation"], reference["model"]
+    column, metric = reference["column"], reference["metric"]
+    if column.startswith("auc."):
+        curves = evaluation.get("backfill", {}).get(model, {})
+        return curves.get(column.removeprefix("auc."), {}).get("auc", {}).get(metric)
+    setting = "o2o" if column == "o2o" else f"{column}/{model}"
+    return evaluation["table"].get(setting, {}).get(metric)
+
+
+def reference_rows(results: dict) -> list[dict]:
+    """One row per figure a paper reports for the run's spec (its ``references``): the
+    paper's value (in %, as printed) and the run's own figure beside it (``measured``)."""
+    return [{"spec": results["experiment"], **reference, "measured": measured(results, reference)}
+            for reference in results["spec"].get("references") or []]
+
+
 def chain_rows(results: dict) -> list[dict]:
     """One row per chain of three or more generations: the matrices' summaries."""
     rows = []
@@ -178,7 +197,8 @@ class Aggregate:
     :func:`leaderboard_rows`, :func:`chain_rows` and :func:`upgrade_rows` combined over
     seeds (with ``stem``, the spec's folder, and ``seeds``); ``curves[stem][model]
     [scheduler]`` and ``tables[stem][setting]`` (primary metric) likewise; ``specs[stem]``
-    is the spec of the spec's first seed."""
+    is the spec of the spec's first seed; ``references`` the rows of :func:`reference_rows`
+    with the measured figure combined over seeds (the paper's value stays as printed)."""
 
     rows: list[dict]
     chains: list[dict]
@@ -188,11 +208,12 @@ class Aggregate:
     specs: dict[str, dict[str, Any]]
     metric: str | None
     seeds: dict[str, list[int]] = field(default_factory=dict)
+    references: list[dict] = field(default_factory=list)
 
 
 def aggregate(runs: dict[str, dict[int, dict]]) -> Aggregate:
     """``runs[stem][seed]`` is the results of one run (results.json)."""
-    rows, chains, upgrades, curves, tables, specs = [], [], [], {}, {}, {}
+    rows, chains, upgrades, curves, tables, specs, references = [], [], [], {}, {}, {}, []
     metric = None
     for stem in sorted(runs):
         by_seed = dict(sorted(runs[stem].items()))
@@ -216,8 +237,13 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> Aggregate:
                                 for s, r in by_seed.items()}) or {}
         tables[stem] = combine({s: {k: v[primary[s]] for k, v in r["evaluation"]["table"].items()}
                                 for s, r in by_seed.items()})
+        for reference in reference_rows(first):     # every seed's spec has the same ones
+            references.append({"stem": stem, **reference, "seeds": sorted(by_seed),
+                               "measured": combine({s: measured(r, reference)
+                                                    for s, r in by_seed.items()})})
     return Aggregate(rows, chains, upgrades, curves, tables, specs, metric,
-                     {stem: sorted(by_seed) for stem, by_seed in runs.items() if by_seed})
+                     {stem: sorted(by_seed) for stem, by_seed in runs.items() if by_seed},
+                     references)
 
 
 def jsonable(value: Any) -> Any:
@@ -607,11 +633,38 @@ def chains_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def references_markdown(rows: list[dict]) -> str:
+    """The papers' figures, each beside what the suite measured in its row, column and
+    metric, and their difference in points."""
+    seeds = any("seeds" in r for r in rows)
+    lines = ["| spec | model | column | metric | paper's figure | measured here | difference | "
+             "source | note |" + (" seeds |" if seeds else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if seeds else "")]
+    for r in rows:
+        found = r["measured"]
+        shown = "not measured" if found is None else pct(found)
+        difference = "–" if found is None else f"{100 * _mean(found) - r['value']:+.2f}"
+        lines.append(f"| {r['spec']} | {r['model']} | {r['column']} | {r['metric']} | "
+                     f"**{r['value']:.2f}** (paper) | {shown} | {difference} | {r['source']} | "
+                     f"{r.get('note') or ''} |" + _seeds(r))
+    return "\n".join(lines)
+
+
+REFERENCES_TEXT = (
+    "The papers' figures: each row is a figure a paper reports for the setting a spec "
+    "reproduces (the spec's `references`, with its source), beside what this suite measured "
+    "in the same row, column and metric; the spec's header lists how its runs differ from the "
+    "paper's. A figure compatzoo runs do not compute (e.g. IJB-C TAR@FAR) has none beside it.")
+
+
 def leaderboard_markdown(rows: list[dict], chains: list[dict], suite: str,
-                         upgrades: list[dict] = ()) -> tuple[str, str]:
+                         upgrades: list[dict] = (),
+                         references: list[dict] = ()) -> tuple[str, str]:
     """The leaderboard's title line and its tables (the one-seed layout of
     ``benchmarks/run_suite.py``; aggregated rows print ``mean ± std`` and their seeds)."""
     markdown = to_markdown(rows)
+    if references:
+        markdown += f"\n\n{REFERENCES_TEXT}\n\n" + references_markdown(references)
     if upgrades:
         markdown += ("\n\nEvery upgrader (n2u: new queries, upgraded old gallery; a2o: new "
                      "queries mapped into the old space, old gallery untouched; cost per "
@@ -626,9 +679,10 @@ def leaderboard_markdown(rows: list[dict], chains: list[dict], suite: str,
 
 
 def write_leaderboard(rows: list[dict], chains: list[dict], failures: dict[str, str],
-                      suite: str, target: Path, upgrades: list[dict] = ()) -> None:
+                      suite: str, target: Path, upgrades: list[dict] = (),
+                      references: list[dict] = ()) -> None:
     """The one-seed leaderboard of ``benchmarks/run_suite.py``."""
-    title, markdown = leaderboard_markdown(rows, chains, suite, upgrades)
+    title, markdown = leaderboard_markdown(rows, chains, suite, upgrades, references)
     failed = "".join(f"\n- {name}: {error}" for name, error in failures.items())
     Path(target).write_text(f"{title}\n\n{markdown}\n"
                             + (f"\nFailed specs:{failed}\n" if failures else ""))
@@ -706,7 +760,8 @@ def write_aggregate(agg: Aggregate, target: str | Path, suite: str,
         stale.unlink()
     decided = evaluate_claims(agg.rows, agg.specs, claims)
     plots = plot_aggregate(agg, folder)
-    title, tables = leaderboard_markdown(agg.rows, agg.chains, suite, agg.upgrades)
+    title, tables = leaderboard_markdown(agg.rows, agg.chains, suite, agg.upgrades,
+                                         agg.references)
     seed_sets = sorted({tuple(s) for s in agg.seeds.values()})
     runs = sum(len(s) for s in agg.seeds.values())
     seeds_text = "; ".join(", ".join(map(str, s)) for s in seed_sets)
@@ -744,7 +799,8 @@ def write_aggregate(agg: Aggregate, target: str | Path, suite: str,
     figures_path = folder / "leaderboard.json"
     figures_path.write_text(json.dumps(jsonable({
         "suite": suite, "metric": agg.metric, "seeds": agg.seeds, "rows": agg.rows,
-        "chains": agg.chains, "upgrades": agg.upgrades, "failures": failures or {},
+        "chains": agg.chains, "upgrades": agg.upgrades, "references": agg.references,
+        "failures": failures or {},
         "unfinished": unfinished}), indent=2))
     return {"markdown": target, "claims": claims_path, "figures": figures_path,
             "plots": plots, "decided": decided}

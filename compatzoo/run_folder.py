@@ -37,8 +37,15 @@ class RunFolderError(CompatzooError):
     """An output folder that holds something other than the run asked for."""
 
 
+#: top-level spec fields that change nothing a run computes (the papers' figures shown beside
+#: the results): editing them neither makes a finished run stale nor blocks a resume
+NOT_FINGERPRINTED = ("references",)
+
+
 def spec_fingerprint(spec_json: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
+    """What a run computes, hashed: the dumped spec without :data:`NOT_FINGERPRINTED`."""
+    computed = {k: v for k, v in spec_json.items() if k not in NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()
 
 
 def data_fingerprint(data) -> str:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from compatzoo.engine.fitting import Recipe
 from compatzoo.errors import CompatzooError, PluginError, PluginLoadError, SpecError
@@ -458,6 +458,10 @@ class EvaluationSpec(BaseModel):
     queries_without_positive: Literal["skip", "miss"] = Field(
         "skip", description="queries with no positive in the gallery: left out of every "
         "mean (the papers' protocols) or counted as misses, 0 (FastFill's evaluation code)")
+    distance: Literal["cosine", "euclidean"] = Field(
+        "cosine", description="what ranks a gallery: cosine similarity (the papers, "
+        "OpenCompatible) or the L2 distance between raw, unnormalised features (ml-fct's "
+        "evaluation of FCT and FastFill)")
 
     @field_validator("metrics")
     @classmethod
@@ -489,6 +493,28 @@ class EvaluationSpec(BaseModel):
         return self
 
 
+REFERENCE_COLUMN = r"^(o2o|n2o|n2u|n2n|auc\..+)$"
+
+
+class ReferenceSpec(BaseModel):
+    """A figure a paper reports for the setting a spec reproduces: the leaderboard shows it
+    beside the figure the spec's runs measure in the same row, column and metric. It
+    changes nothing a run computes, so a run's fingerprint leaves it out."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="the leaderboard row: a new model's name, or "
+                       "<model>/<label> of one of its direct upgrades (column n2u)")
+    column: str = Field(pattern=REFERENCE_COLUMN, description="o2o, n2o, n2u, n2n, or "
+                        "auc.<scheduler> (the mean of that scheduler's backfill curve)")
+    metric: str = Field(description="compatzoo's name of the metric (cmc@1, map, rmap-medium, "
+                        "...), which the spec must evaluate; a figure compatzoo runs do not "
+                        "compute (e.g. tar@far=1e-4) is shown without a measured one")
+    value: float = Field(ge=0, le=100, allow_inf_nan=False, description="the paper's "
+                         "figure, in %")
+    source: str = Field(min_length=1, description="where it is printed, e.g. 'FCT table 1'")
+    note: str | None = Field(None, description="how the paper's setting or metric differs")
+
+
 class ExperimentSpec(BaseModel):
     """A whole upgrade: data + allocation, old model, new model(s), evaluation."""
 
@@ -501,6 +527,18 @@ class ExperimentSpec(BaseModel):
     old: ModelSpec
     new: list[NewModelSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    references: list[ReferenceSpec] = Field(
+        default_factory=list, description="the papers' figures for this setting, shown "
+        "beside the measured ones in the leaderboard")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_references(self, handler: Any) -> Any:
+        """A spec without references dumps as it did before the field existed: results,
+        bundles and run manifests record the dump, and runs are matched by its hash."""
+        data = handler(self)
+        if not self.references and isinstance(data, dict):
+            data.pop("references", None)
+        return data
 
     @field_validator("seed")
     @classmethod
@@ -564,6 +602,47 @@ class ExperimentSpec(BaseModel):
             if unknown:
                 raise ValueError(f"evaluation.backfill.models names {unknown}, which are not "
                                  f"new models; new models are {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "ExperimentSpec":
+        """Every reference names a row and column the leaderboard has, and a metric the
+        spec evaluates (unless compatzoo runs do not compute it), so a typo is an error
+        here rather than a paper figure with nothing beside it."""
+        from compatzoo.retrieval import parse_metric
+        from compatzoo.retrieval.revisited import REVISITED_METRICS
+
+        models = {m.name: m for m in self.new}
+        upgrades = {f"{m.name}/{d.label}" for m in self.new for d in m.direct_upgrades}
+        backfill = self.evaluation.backfill
+        for i, ref in enumerate(self.references):
+            where = f"references[{i}] ({ref.model} {ref.column} {ref.metric})"
+            if ref.model in upgrades:
+                if ref.column != "n2u":
+                    raise ValueError(f"{where}: the row of a direct upgrade has only the "
+                                     "column n2u")
+            elif ref.model not in models:
+                raise ValueError(f"{where}: model must be a new model {sorted(models)} or "
+                                 f"<model>/<label> of a direct upgrade {sorted(upgrades)}")
+            elif ref.column == "n2u" and models[ref.model].upgrader is None:
+                raise ValueError(f"{where}: n2u needs an upgrader, and '{ref.model}' has none")
+            elif ref.column.startswith("auc."):
+                scheduler = ref.column.removeprefix("auc.")
+                labels = [backfill.label(s) for s in backfill.schedulers] if backfill else []
+                curved = backfill is not None and ref.model in (backfill.models or models)
+                if not curved or scheduler not in labels:
+                    raise ValueError(f"{where}: no backfill curve of '{ref.model}' with the "
+                                     f"scheduler '{scheduler}' (schedulers: {labels})")
+            if ref.metric in self.evaluation.metrics:
+                continue
+            try:
+                if ref.metric not in REVISITED_METRICS:
+                    parse_metric(ref.metric)
+            except CompatzooError:
+                continue                   # a figure compatzoo runs do not compute
+            raise ValueError(f"{where}: the spec does not evaluate {ref.metric}; add it to "
+                             f"evaluation.metrics {self.evaluation.metrics} or spell it as "
+                             "listed there")
         return self
 
 

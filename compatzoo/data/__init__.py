@@ -4,6 +4,12 @@
 ``Params``: a dataset takes its params and returns :class:`RetrievalData`; an allocation
 takes its params, ``labels=`` (the training labels) and ``seed=`` and returns
 :class:`Allocation`.
+
+A dataset may also state, from its params alone, what ``compatzoo run --dry-run`` needs to
+build every model at full size without reading a file: ``num_classes_of(params)``, the
+class count of its training set (None when only the files tell; the user then gives
+``--classes``), and ``image_size_of(params)``, the side of its square images (default:
+``params.image_size``).
 """
 
 from compatzoo.data.allocations import (

@@ -90,3 +90,8 @@ def make_cifar100(params: Cifar100Params) -> RetrievalData:
     info["protocol"] = "leave-one-out"
     return RetrievalData(train, query, None, int(train.labels.max()) + 1, "cifar100", info,
                          Preprocess(image_size=32, mean=mean, std=std))
+
+
+# What a dry run (`compatzoo run --dry-run`) needs, known without reading the pickles.
+make_cifar100.num_classes_of = lambda params: params.classes or NUM_CLASSES
+make_cifar100.image_size_of = lambda params: 32

@@ -179,3 +179,18 @@ def make_gldv2(params: GldV2Params) -> RetrievalData:
     train = FileImages(ImageIdPaths(images_dir, ids), labels, preprocess)
     return revisited_data("gldv2", params, train, len(classes), params.revisited, preprocess,
                           missing_images=len(missing))
+
+
+#: landmarks each list holds (GLDv2 paper; RACT table 1 and BiCT table 2 for the clean one)
+LANDMARKS = {"clean": 81_313, "full": 203_094}
+
+
+def _classes_of(params: GldV2Params) -> int | None:
+    """The training classes, known without reading the CSV while every listed landmark
+    is kept (a dry run sizes the heads with it); None when filters make it data-dependent."""
+    if params.min_images_per_class > 1 or params.skip_missing:
+        return None
+    return min(LANDMARKS[params.csv], params.max_classes or LANDMARKS[params.csv])
+
+
+make_gldv2.num_classes_of = _classes_of

@@ -363,3 +363,7 @@ def make_synthetic(params: SyntheticParams | None = None) -> RetrievalData:
     info |= {"seed": p.seed, "generator_version": GENERATOR_VERSION, "content_hash": p.content_hash()}
     return RetrievalData(train, query, gallery, p.num_train_classes, "synthetic", info,
                          Preprocess(image_size=p.image_size, mean=mean, std=std))
+
+
+# What a dry run (`compatzoo run --dry-run`) needs, known without generating the images.
+make_synthetic.num_classes_of = lambda params: params.num_train_classes
