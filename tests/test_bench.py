@@ -354,4 +354,4 @@ def test_a_broken_claims_file_is_refused_with_the_format_named(tmp_path):
         lb.load_claims(bad)
     with pytest.raises(SpecError, match="cannot read the claims file"):
         lb.load_claims(tmp_path / "missing.yaml")
-    assert len(PAPERS) == 17 and {c.paper for c in PAPERS} >= {"BCT (Shen et al. 2020)"}
+    assert len(PAPERS) == 18 and {c.paper for c in PAPERS} >= {"BCT (Shen et al. 2020)"}
