@@ -202,20 +202,23 @@ def backfill_curves(lineage: Lineage, run: RunData, models: dict[str, TrainedMod
                                    reference_gallery=old_gallery,
                                    queries_without_positive=without_positive)
             curves[name][label] = {**curve.to_dict(), "oracle": type(scheduler).is_oracle}
-        order_diagnostics(curves[name], orders, schedulers, state, emb, old, run,
-                          spec.evaluation.primary, spec.evaluation.distance)
+        order_diagnostics(curves[name], orders, schedulers, state, (query, stored),
+                          (query_old, old_gallery), run, spec.evaluation.primary)
     return curves
 
 
 def order_diagnostics(curves: dict[str, Any], orders: dict[str, np.ndarray],
-                      schedulers: list, state: BackfillState, emb: Embeddings,
-                      old: Embeddings, run: RunData, primary: str,
-                      distance: str = "cosine") -> None:
+                      schedulers: list, state: BackfillState,
+                      searched: tuple[torch.Tensor, torch.Tensor],
+                      reference: tuple[torch.Tensor, torch.Tensor], run: RunData,
+                      primary: str) -> None:
     """Adds ``diagnostics`` to each of one model's curves but the random one (see
     :func:`compatzoo.diagnostics.backfill_diagnostics`): Spearman of the order's priority
     with the true error (``true_error``: raw distance, the default oracle-distance's;
     ``true_error_cosine``: between unit rows) and with flip involvement, and the share of
-    the first oracle-distance curve's AUC gain over random that the order captures."""
+    the first oracle-distance curve's AUC gain over random that the order captures.
+    ``searched`` (new queries, stored gallery) and ``reference`` (old queries, old gallery)
+    are the features the curve searched, so flips are counted under the same distance."""
     if all(isinstance(s, RandomScheduler) for _, s in schedulers):
         return
     stored = state.upgraded if state.upgraded is not None else state.old_features
@@ -226,10 +229,8 @@ def order_diagnostics(curves: dict[str, Any], orders: dict[str, np.ndarray],
     if run.data.relevance is not None:
         why = "the revisited protocol has no labels to count flips with"
     else:
-        (query, query_old), (stored_rows, old_gallery) = for_distance(
-            distance, [emb.query, old.query], [torch.from_numpy(stored), old.gallery])
         flips = diagnostics.flip_involvement(
-            query, stored_rows, query_old, old_gallery, np.asarray(run.data.query.labels),
+            *searched, *reference, np.asarray(run.data.query.labels),
             np.asarray(run.gallery_images.labels), leave_one_out=run.leave_one_out)
     random = next((label for label, s in schedulers if isinstance(s, RandomScheduler)), None)
     oracle = next((label for label, s in schedulers

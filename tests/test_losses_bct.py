@@ -128,6 +128,12 @@ def test_bct_synthesized_rows_are_class_means_only_for_missing_classes():
     assert_untouched(head, before)
 
 
+
+def synthesized_ce(loss: BCTLoss, new: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """The influence loss written out with the synthesized classifier: mean CE(W x + b, y)."""
+    w, b = loss.synth_weight, loss.synth_bias
+    return torch.stack([ce(w @ new[i] + b, y) for i, y in enumerate(labels)]).mean()
+
 def test_bct_synthesized_with_linear_head_appends_zero_bias():
     head = LinearSoftmaxHead(4, 3)
     cache = _cache(dim=4, classes=5)
@@ -138,10 +144,8 @@ def test_bct_synthesized_with_linear_head_appends_zero_bias():
 
     labels = [4, 1, 3]
     new = randn(3, 4, seed=5)
-    out = loss(batch(new, labels, old_head=head))
-    w, b = loss.synth_weight, loss.synth_bias
-    expected = torch.stack([ce(w @ new[i] + b, y) for i, y in enumerate(labels)]).mean()
-    assert torch.allclose(out.total, expected, atol=1e-5)
+    assert torch.allclose(loss(batch(new, labels, old_head=head)).total,
+                          synthesized_ce(loss, new, labels), atol=1e-5)
 
 
 def test_bct_synthesize_all_replaces_every_row_with_its_class_mean_as_openbct():
@@ -157,10 +161,8 @@ def test_bct_synthesize_all_replaces_every_row_with_its_class_mean_as_openbct():
     assert torch.equal(loss.synth_bias, torch.cat([torch.zeros(3), head.fc.bias.detach()[3:]]))
     labels = [2, 0, 1]
     new = randn(3, 4, seed=9)
-    out = loss(batch(new, labels, old_head=head))
-    w, b = loss.synth_weight, loss.synth_bias
-    expected = torch.stack([ce(w @ new[i] + b, y) for i, y in enumerate(labels)]).mean()
-    assert torch.allclose(out.total, expected, atol=1e-5)
+    assert torch.allclose(loss(batch(new, labels, old_head=head)).total,
+                          synthesized_ce(loss, new, labels), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosface", "arcface"])
