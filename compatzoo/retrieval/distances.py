@@ -18,12 +18,8 @@ one M, which is why :func:`euclidean_as_cosine` takes them all at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-
-Distance = Literal["cosine", "euclidean"]
-DISTANCES: tuple[str, ...] = ("cosine", "euclidean")
 
 
 def _lifted_head(gallery: torch.Tensor) -> torch.Tensor:
@@ -54,4 +50,4 @@ def for_distance(distance: str, queries: Sequence[torch.Tensor],
         return list(queries), list(galleries)
     if distance == "euclidean":
         return euclidean_as_cosine(queries, galleries)
-    raise ValueError(f"distance must be one of {DISTANCES}, not {distance!r}")
+    raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}")
